@@ -1,0 +1,17 @@
+"""hf-nvfp4: NVIDIA's NVFP4 pretraining recipe for the Hugging Face stack."""
+
+from .formats._compile import set_compile_mode
+from .formats.hadamard import hadamard_transform
+from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
+from .formats.registry import FORMATS, get_format
+
+__version__ = "0.1.0"
+__all__ = [
+    "FORMATS",
+    "NVFP4Tensor",
+    "get_format",
+    "fake_quantize_nvfp4",
+    "hadamard_transform",
+    "quantize_nvfp4",
+    "set_compile_mode",
+]

@@ -1,0 +1,78 @@
+"""Shared helpers for the formats: input checks, 2D views, padding, one-time notices."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("hf_nvfp4")
+
+FLT_MAX = torch.finfo(torch.float32).max
+E4M3_MAX = 448.0
+HIGH_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+_said: set[str] = set()
+
+
+def say_once(key: str, msg: str) -> None:
+    """Log ``msg`` the first time ``key`` is seen in this process."""
+    if key not in _said:
+        _said.add(key)
+        logger.warning(msg)
+
+
+def check_input(x: object, fn: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in HIGH_PRECISION:
+        raise TypeError(
+            f"{fn}: input dtype {x.dtype} is not supported; pass float32, bfloat16 or float16 (e.g. x.float())"
+        )
+    if x.ndim == 0:
+        raise ValueError(f"{fn}: input must have at least one dimension, got a 0-dim tensor")
+    return x
+
+
+def check_tile(tile: object, allowed: tuple[tuple[int, int], ...], fn: str) -> tuple[int, int]:
+    try:
+        t = (int(tile[0]), int(tile[1]))  # type: ignore[index]
+    except (TypeError, IndexError, ValueError):
+        raise ValueError(f"{fn}: tile must be a pair such as {allowed[0]}, got {tile!r}") from None
+    if t not in allowed:
+        raise ValueError(f"{fn}: tile {t} is not supported; use one of {list(allowed)}")
+    return t
+
+
+def as_2d(x: torch.Tensor) -> torch.Tensor:
+    """Flatten all leading dims: [..., K] -> [M, K]."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def pad_2d(x2: torch.Tensor, tile: tuple[int, int], fn: str) -> torch.Tensor:
+    """Zero-pad rows to a multiple of tile[0] and columns to a multiple of tile[1].
+
+    Zeros never change a block's amax, so padded and partial blocks quantize alike.
+    """
+    m, k = x2.shape
+    pad_m, pad_k = (-m) % tile[0], (-k) % tile[1]
+    if pad_k:
+        say_once(
+            f"pad-k-{tile[1]}",
+            f"hf_nvfp4: {fn}: last dim {k} is not a multiple of the block size {tile[1]}; "
+            "zero-padding the last block (results are cropped back to the input shape)",
+        )
+    if pad_m or pad_k:
+        x2 = F.pad(x2, (0, pad_k, 0, pad_m))
+    return x2
+
+
+def check_amax(amax: object, fn: str) -> torch.Tensor | None:
+    if amax is None:
+        return None
+    a = torch.as_tensor(amax, dtype=torch.float32)
+    if a.numel() != 1:
+        raise ValueError(f"{fn}: amax must be a scalar (one element), got shape {tuple(a.shape)}")
+    if a.device.type == "cpu" and bool(a.detach().reshape(()) < 0):  # no GPU sync
+        raise ValueError(f"{fn}: amax must be >= 0 (it is a max of absolute values), got {float(a)}")
+    return a.reshape(())

@@ -1,0 +1,84 @@
+"""FP4 E2M1 element rounding, codes and nibble packing (pure tensor math, no nn).
+
+Magnitudes by code 0..7: 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is the sign. Every function
+here is written with elementwise ops only so that torch.compile can fuse it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E2M1_MAX = 6.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _exponent(a: torch.Tensor) -> torch.Tensor:
+    """Biased fp32 exponent of a >= 0 (no sign bit to mask), floored at 127 (a < 1 shares 1's step)."""
+    return torch.clamp(a.view(torch.int32) >> 23, min=127)
+
+
+def round_e2m1(a: torch.Tensor) -> torch.Tensor:
+    """Round fp32 magnitudes in [0, 6] to the E2M1 grid, ties to the even code.
+
+    The grid step is 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]. Adding and subtracting
+    M = 1.5 * 2^23 * step rounds to a multiple of the step, ties to an even multiple,
+    which is the even code: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4.
+    M is built from the exponent bits (measured faster than compare-and-select here).
+    """
+    magic = (((_exponent(a) + 22) << 23) | (1 << 22)).view(torch.float32)
+    return (a + magic) - magic
+
+
+def round_e2m1_stochastic(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Round magnitudes in [0, 6] up to the next grid point with probability (a-lo)/(hi-lo).
+
+    ``u`` holds uniform samples in [0, 1). Only the two neighbours of ``a`` can come out,
+    and a value already on the grid is returned unchanged. The step and its inverse are
+    powers of two, so the scaling is exact.
+    """
+    e = _exponent(a)
+    t = a * ((255 - e) << 23).view(torch.float32)
+    lo = torch.floor(t)
+    return (lo + (u < t - lo).to(torch.float32)) * ((e - 1) << 23).view(torch.float32)
+
+
+def signed(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Give magnitude ``q`` the sign of ``v`` the way TE's codes do: -0.0 stays +0."""
+    return torch.where(v < 0, -q, q)
+
+
+def codes_from_values(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8, 0..15) of grid magnitudes ``q`` with the sign of ``v``.
+
+    NaN gives code 0, as TE's reference cast does.
+    """
+    m = q * 2.0  # 0, 1, 2, 3, 4, 6, 8, 12
+    mag = (
+        (m > 0.5).to(torch.uint8)
+        + (m > 1.5).to(torch.uint8)
+        + (m > 2.5).to(torch.uint8)
+        + (m > 3.5).to(torch.uint8)
+        + (m > 5.0).to(torch.uint8)
+        + (m > 7.0).to(torch.uint8)
+        + (m > 10.0).to(torch.uint8)
+    )
+    return mag + (v < 0).to(torch.uint8) * 8
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes [..., K] (K even) into bytes [..., K/2], even index in the low nibble."""
+    pairs = codes.view(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: bytes [..., K/2] -> codes [..., K]."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack([lo, hi], dim=-1).view(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def values_from_codes(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Signed E2M1 values of codes 0..15 (code 8 is -0.0)."""
+    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=dtype, device=codes.device)
+    return lut[codes.long()]

@@ -1,0 +1,275 @@
+"""NVFP4: E2M1 elements, 16-element blocks with E4M3 scales, one fp32 scale per tensor.
+
+Bit-exact with Transformer Engine's reference quantizer (``reference_nvfp4.py``); the
+steps are numbered as in docs/numerics.md:
+
+1. ``amax = max|x|`` (after the RHT when ``rht=True``)
+2. ``s_enc = min(2688 / amax, FLT_MAX)``, 1.0 if that is 0; ``s_dec = 1 / s_enc``
+3. per block ``vmax = max|x_block|`` (1x16 along the row, or a whole 16x16 tile)
+4. ``scale = e4m3(min(vmax * (s_enc * fp32(1/6)), 448))``  (TE's folded multiplier)
+5. ``enc = min(1 / (fp32(scale) * s_dec), FLT_MAX)``
+6. ``q = E2M1(clamp(x * enc, -6, 6))``, nearest (ties to even code) or stochastic
+7. ``x_hat = (q * fp32(scale)) * (amax / 2688)``
+
+Scalars (steps 1-2) are computed eagerly: inductor rewrites ``c / t`` as
+``c * (1 / t)``, which would change the bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _random
+from ._common import E4M3_MAX, FLT_MAX, as_2d, check_amax, check_input, check_tile, pad_2d
+from ._compile import fused
+from .e2m1 import (
+    codes_from_values,
+    pack_nibbles,
+    round_e2m1,
+    round_e2m1_stochastic,
+    signed,
+    unpack_nibbles,
+    values_from_codes,
+)
+from .hadamard import hadamard_transform
+
+NVFP4_TILES = ((1, 16), (16, 16))
+TENSOR_SCALE = 448.0 * 6.0  # 2688
+
+
+@dataclass
+class NVFP4Tensor:
+    """A quantized NVFP4 tensor in TE's layout.
+
+    data:  uint8 [M, K/2], two E2M1 codes per byte, even index in the low nibble
+    scale: float8_e4m3fn [M, K/16]; a 16x16 tile's scale is repeated on its 16 rows
+    amax:  fp32 scalar, the per-tensor amax the scales were built from
+    shape: the input's shape (M is the product of its leading dims)
+
+    When K is not a multiple of 16, data and scale cover K rounded up to 16 (zero
+    padded) and :meth:`dequantize` crops back to ``shape``.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    amax: torch.Tensor
+    shape: torch.Size
+    tile: tuple[int, int] = (1, 16)
+    rht: bool = False
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``e2m1 * fp32(scale) * amax / 2688`` in fp32, then cast to ``dtype``.
+
+        With ``rht=True`` the result is in the transformed basis (as TE's is).
+        """
+        q = values_from_codes(unpack_nibbles(self.data))
+        s = self.scale.float().repeat_interleave(16, dim=1)
+        out = (q * s) * (self.amax.float() / TENSOR_SCALE)
+        k = self.shape[-1]
+        return out[:, :k].to(dtype).reshape(self.shape)
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+    def __repr__(self) -> str:
+        return f"NVFP4Tensor(shape={tuple(self.shape)}, tile={self.tile}, rht={self.rht}, amax={float(self.amax):.6g})"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _tensor_scalars(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2 and 7's factor: (s_enc * fp32(1/6), s_dec, amax / 2688), all fp32 scalars."""
+    amax = amax.to(torch.float32)
+    s_enc = torch.clamp(torch.div(TENSOR_SCALE, amax), max=FLT_MAX)
+    s_enc = torch.where(s_enc == 0, torch.ones_like(s_enc), s_enc)
+    s_dec = torch.reciprocal(s_enc)
+    mult = s_enc * torch.reciprocal(torch.tensor(6.0, device=amax.device))
+    return mult, s_dec, amax / TENSOR_SCALE
+
+
+@fused(dims=(0, 2))
+def _block_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Per-block max |x| as fp32: [B, 16] -> [B, 1], or [M/16, 16, K/16, 16] -> [M/16, 1, K/16, 1].
+
+    Taken on the integer bits with the sign cleared (same order as the magnitudes, NaN
+    on top): narrow integer max instructions make this much faster than a float abs-max.
+    """
+    if xb.dtype == torch.float32:
+        bits = xb.view(torch.int32) & 0x7FFFFFFF
+    else:
+        bits = xb.view(torch.int16) & 0x7FFF
+    return bits.amax(dim=dims).view(xb.dtype).float()  # keepdim=True is slower here
+
+
+@fused(dims=(0,))
+def _max(x: torch.Tensor) -> torch.Tensor:
+    return x.amax()
+
+
+@fused(dims=(0, 2))
+def _scales(vmax: torch.Tensor, mult: torch.Tensor, s_dec: torch.Tensor):
+    """Steps 4-5: (E4M3 scale, the same as fp32, fp32 encode factor) per block.
+
+    The fp32 copy spares the element kernels an E4M3 decode per block.
+    """
+    scale = torch.clamp(vmax * mult, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    scale_f32 = scale.float()
+    enc = torch.clamp(torch.reciprocal(scale_f32 * s_dec), max=FLT_MAX)
+    return scale, scale_f32, enc
+
+
+def _round(xb, enc, seeds):
+    v = xb.float() * enc
+    a = torch.clamp(v.abs(), max=6.0)
+    if seeds is None:
+        return round_e2m1(a), v
+    return round_e2m1_stochastic(a, _random.hashed_uniform(seeds, a.shape, a.device)), v
+
+
+@fused(dims=(0, 2))
+def _fake_nearest(xb, scale_f32, enc, g, dtype):
+    q, v = _round(xb, enc, None)
+    return ((signed(q, v) * scale_f32) * g).to(dtype)
+
+
+@fused(dims=(0, 2))
+def _fake_stochastic(xb, scale_f32, enc, g, dtype, seeds):
+    q, v = _round(xb, enc, seeds)
+    return ((signed(q, v) * scale_f32) * g).to(dtype)
+
+
+@fused(dims=(0, 2))
+def _codes_nearest(xb, enc):
+    q, v = _round(xb, enc, None)
+    return codes_from_values(q, v)
+
+
+@fused(dims=(0, 2))
+def _codes_stochastic(xb, enc, seeds):
+    q, v = _round(xb, enc, seeds)
+    return codes_from_values(q, v)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
+    x = check_input(x, fn)
+    tile = check_tile(tile, NVFP4_TILES, fn)
+    amax = check_amax(amax, fn)
+    if rht and tile != (1, 16):
+        raise ValueError(f"{fn}: rht=True is for 1x16 operands (Wgrad); got tile={tile}")
+    x2 = pad_2d(as_2d(x.detach()), (tile[0], max(tile[1], rht_size if rht else 0)), fn)
+    if rht:
+        x2 = hadamard_transform(x2, rht_size)
+    m, k = x2.shape
+    if tile == (1, 16):
+        xb, dims = x2.view(-1, 16), (1,)
+    else:
+        xb, dims = x2.view(m // 16, 16, k // 16, 16), (1, 3)
+    if xb.numel() == 0:
+        amax = torch.zeros((), device=x.device) if amax is None else amax
+        mult, s_dec, g = _tensor_scalars(amax.to(x.device))
+        scale, enc = _empty_scales(xb)
+        scale_f32 = enc
+    else:
+        vmax = _block_amax(xb, dims)
+        if amax is None:  # the tensor amax is the max of the block maxima: no extra pass over x
+            amax = _max(vmax.view(-1))
+        mult, s_dec, g = _tensor_scalars(amax.to(x.device))
+        keep = [1 if d in dims else n for d, n in enumerate(xb.shape)]
+        scale, scale_f32, enc = _scales(vmax.view(keep), mult, s_dec)
+    seeds = _random.draw_seeds(generator, x.device) if stochastic else None
+    return x, x2, xb, scale, scale_f32, enc, g, seeds, amax, tile
+
+
+def _empty_scales(xb):
+    shape = (0, 1) if xb.ndim == 2 else (0, 1, xb.shape[2], 1)
+    return torch.empty(shape, dtype=torch.float8_e4m3fn, device=xb.device), torch.empty(shape, device=xb.device)
+
+
+def _scale_matrix(scale: torch.Tensor, tile, m: int, k: int) -> torch.Tensor:
+    """Scales in TE's [M, K/16] layout (a 16x16 tile's scale on each of its rows)."""
+    if tile == (1, 16):
+        return scale.view(m, k // 16)
+    return scale.view(-1, k // 16).repeat_interleave(16, dim=0)
+
+
+def quantize_nvfp4(
+    x: torch.Tensor,
+    *,
+    tile: tuple[int, int] = (1, 16),
+    rht: bool = False,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    amax: torch.Tensor | float | None = None,
+    rht_size: int = 16,
+) -> NVFP4Tensor:
+    """Quantize ``x`` (fp32/bf16/fp16, blocks along the last dim) to NVFP4, bit-exact with TE.
+
+    tile:       ``(1, 16)`` or ``(16, 16)`` (2D weight scaling)
+    rht:        apply the signed 16-point Hadamard transform first (amax taken after it)
+    stochastic: unbiased stochastic rounding, reproducible from ``generator``
+    amax:       override the per-tensor amax (e.g. one reduced across processes)
+
+    >>> import torch, hf_nvfp4
+    >>> q = hf_nvfp4.quantize_nvfp4(torch.randn(32, 64))
+    >>> q.data.shape, q.scale.shape
+    (torch.Size([32, 32]), torch.Size([32, 4]))
+    """
+    x, x2, xb, scale, _, enc, g, seeds, amax, tile = _prepare(
+        x, tile, rht, rht_size, stochastic, generator, amax, "quantize_nvfp4"
+    )
+    m, k = x2.shape
+    if xb.numel() == 0:
+        codes = torch.empty(m, k, dtype=torch.uint8, device=x.device)
+    elif seeds is None:
+        codes = _codes_nearest(xb, enc)
+    else:
+        codes = _codes_stochastic(xb, enc, seeds)
+    rows = as_2d(x).shape[0]
+    data = pack_nibbles(codes.reshape(m, k))[:rows]
+    scales = _scale_matrix(scale, tile, m, k)[:rows]
+    return NVFP4Tensor(data.contiguous(), scales.contiguous(), amax.float(), x.shape, tile, rht)
+
+
+def fake_quantize_nvfp4(
+    x: torch.Tensor,
+    *,
+    tile: tuple[int, int] = (1, 16),
+    rht: bool = False,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    amax: torch.Tensor | float | None = None,
+    rht_size: int = 16,
+) -> torch.Tensor:
+    """Quantize and dequantize in one fused pass; returns ``x``'s shape and dtype.
+
+    Equal, bit for bit, to ``quantize_nvfp4(x, ...).dequantize(x.dtype)`` with the same
+    keywords and generator state. Not differentiable (the output is detached): the
+    training ops define the gradients.
+
+    >>> import torch, hf_nvfp4
+    >>> x = torch.randn(16, 32, dtype=torch.bfloat16)
+    >>> y = hf_nvfp4.fake_quantize_nvfp4(x)
+    >>> y.shape, y.dtype
+    (torch.Size([16, 32]), torch.bfloat16)
+    """
+    x, x2, xb, _, scale_f32, enc, g, seeds, amax, tile = _prepare(
+        x, tile, rht, rht_size, stochastic, generator, amax, "fake_quantize_nvfp4"
+    )
+    m, k = x2.shape
+    if xb.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if seeds is None:
+        out = _fake_nearest(xb, scale_f32, enc, g, x.dtype)
+    else:
+        out = _fake_stochastic(xb, scale_f32, enc, g, x.dtype, seeds)
+    out = out.reshape(m, k)
+    rows, cols = as_2d(x).shape
+    if (rows, cols) != (m, k):
+        out = out[:rows, :cols]
+    return out.reshape(x.shape)

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import reference as ref
+import torch
+
+import hf_nvfp4
+from hf_nvfp4.formats import get_format, quantize_mxfp4
+from hf_nvfp4.formats.e2m1 import unpack_nibbles
+from hf_nvfp4.formats.mx import ceil_log2_exponent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_matches_reference(dtype):
+    x = (torch.randn(24, 128) * torch.logspace(-4, 4, 128)).to(dtype)
+    x[0, :32] = 0  # an all-zero block -> exponent -127
+    q = quantize_mxfp4(x)
+    codes, exps = ref.mxfp4(x)
+    np.testing.assert_array_equal(unpack_nibbles(q.data).numpy(), codes)
+    np.testing.assert_array_equal(q.scale.numpy().astype(np.int64) - 127, exps)
+    assert torch.equal(get_format("mxfp4").fake_quantize(x), q.dequantize(dtype))
+
+
+def test_ceil_log2_exact_near_powers_of_two():
+    d = torch.tensor([1.0, 2.0**20 * (1 + 2**-23), 0.75, 2.0**-126, 2.0**-127 * 1.5, 2.0**-140, 0.0, 3e38, 1e-45])
+    want = [ref.ceil_log2(float(v)) for v in d]
+    assert ceil_log2_exponent(d).tolist() == want
+
+
+@pytest.mark.parametrize("pow2", [True, False])
+@pytest.mark.parametrize("tile", [(1, 128), (128, 128)])
+def test_fp8_block_matches_reference(tile, pow2):
+    x = torch.randn(256, 256) * torch.logspace(-3, 3, 256)
+    x[:, :128] *= 0.0  # zero blocks take scale 1
+    y = hf_nvfp4.formats.fake_quantize_fp8_block(x, tile=tile, pow2_scales=pow2)
+    np.testing.assert_array_equal(y.numpy(), ref.fp8_current(x, tile, pow2))
+    q = hf_nvfp4.formats.quantize_fp8_block(x, tile=tile, pow2_scales=pow2)
+    assert q.data.dtype == torch.float8_e4m3fn and torch.equal(q.dequantize(), y)
+    if pow2:
+        s = q.scale
+        assert torch.equal(s, torch.exp2(torch.round(torch.log2(s))))  # powers of two
+
+
+def test_fp8_block_env_switch(monkeypatch):
+    x = torch.randn(4, 128) * 3.3
+    monkeypatch.setenv("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", "1")
+    a = hf_nvfp4.formats.fake_quantize_fp8_block(x)
+    np.testing.assert_array_equal(a.numpy(), ref.fp8_current(x, (1, 128), False))
+
+
+def test_fp8_tensor_and_mxfp8():
+    x = torch.randn(64, 96) * 5
+    y = get_format("fp8_tensor").fake_quantize(x)
+    np.testing.assert_array_equal(y.numpy(), ref.fp8_current(x, None, False))
+    assert torch.equal(get_format("fp8_tensor").quantize(x).dequantize(), y)
+    m = get_format("mxfp8").quantize(x)
+    d = m.dequantize()
+    # each 32-block's scale is the smallest power of two with vmax / scale <= 448
+    vmax = x.abs().reshape(64, 3, 32).amax(-1)
+    s = m.scale_values()
+    assert (vmax / s <= 448).all()
+    assert ((vmax / (s / 2) > 448 * (1 - 1e-6)) | (vmax == 0)).all()
+    assert (d - x).abs().max() <= (s.repeat_interleave(32, 1) * 16).max()
+
+
+def test_registry_shape_and_errors():
+    x = torch.randn(32, 64).bfloat16()
+    for name in hf_nvfp4.FORMATS:
+        fmt = get_format(name)
+        y = fmt.fake_quantize(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert torch.isfinite(y).all()
+        assert fmt.fake_quantize(x, rht=True).shape == x.shape
+    with pytest.raises(ValueError, match="unknown format 'fp16'.*mxfp4"):
+        get_format("fp16")
+    with pytest.raises(ValueError, match="stochastic rounding is only available"):
+        get_format("fp8_block").fake_quantize(x, stochastic=True)
+    with pytest.raises(ValueError, match="no per-tensor scale"):
+        get_format("mxfp4").fake_quantize(x, amax=1.0)
+    with pytest.raises(ValueError, match="no blocks"):
+        get_format("fp8_tensor").fake_quantize(x, tile=(1, 16))
+    with pytest.raises(ValueError, match=r"\(1, 32\)"):
+        get_format("mxfp4").fake_quantize(x, tile=(1, 16))
+
+
+def test_mxfp4_stochastic_unbiased():
+    x = torch.randn(8, 64)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([get_format("mxfp4").fake_quantize(x, stochastic=True, generator=gen) for _ in range(1500)])
+    near = get_format("mxfp4").fake_quantize(x)
+    step = (near - x).abs().max()
+    assert (draws.mean(0) - x).abs().max() < step * 0.25

@@ -1,0 +1,34 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(
+    shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+    reason="ruff is installed with the [test] extra",
+)
+def test_ruff_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    out = subprocess.run(
+        [ruff, "check", "hf_nvfp4", "tests", "benchmarks", "examples"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_layering():
+    """formats/ never imports nn/ or integrations/; ops/ never imports nn/ or integrations/."""
+    rules = {
+        "formats": ("nn", "ops", "integrations", "cli"),
+        "ops": ("nn", "integrations", "cli"),
+        "nn": ("integrations", "cli"),
+    }
+    for layer, banned in rules.items():
+        for f in (ROOT / "hf_nvfp4" / layer).rglob("*.py"):
+            text = f.read_text()
+            for b in banned:
+                assert f"from ..{b}" not in text and f"hf_nvfp4.{b}" not in text, f"{f} imports {b}"
