@@ -1,13 +1,20 @@
 """hf-nvfp4: NVIDIA's NVFP4 pretraining recipe for the Hugging Face stack."""
 
+from .config import NVFP4Config
 from .formats._compile import set_compile_mode
 from .formats.hadamard import hadamard_transform
 from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
 from .formats.registry import FORMATS, get_format
+from .nn import NVFP4Linear, convert_model, set_precision, unconvert_model
 
 __version__ = "0.1.0"
 __all__ = [
     "FORMATS",
+    "NVFP4Config",
+    "NVFP4Linear",
+    "convert_model",
+    "set_precision",
+    "unconvert_model",
     "NVFP4Tensor",
     "get_format",
     "fake_quantize_nvfp4",

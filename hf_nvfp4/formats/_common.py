@@ -46,7 +46,7 @@ def check_tile(tile: object, allowed: tuple[tuple[int, int], ...], fn: str) -> t
 
 def as_2d(x: torch.Tensor) -> torch.Tensor:
     """Flatten all leading dims: [..., K] -> [M, K]."""
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 def pad_2d(x2: torch.Tensor, tile: tuple[int, int], fn: str) -> torch.Tensor:

@@ -273,3 +273,54 @@ def fake_quantize_nvfp4(
     if (rows, cols) != (m, k):
         out = out[:rows, :cols]
     return out.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- GEMM operands
+
+
+def nvfp4_gemm_operand(
+    x: torch.Tensor,
+    *,
+    tile: tuple[int, int] = (1, 16),
+    rht: bool = False,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    rht_size: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, g)`` with ``values = e2m1 * fp32(scale)`` and ``g = amax / 2688``.
+
+    ``values`` is exact in bf16/fp16/fp32 (at most 5 significant bits, within [2^-10, 2688]),
+    so a GEMM on two such operands followed by one multiply with ``g_a * g_b`` reproduces
+    the NVFP4 GEMM. Rows are cropped to the input's; the last dim keeps its zero padding
+    (cropping a Hadamard-transformed operand would change the product).
+    """
+    x, x2, xb, _, scale_f32, enc, g, seeds, _, _ = _prepare(
+        x, tile, rht, rht_size, stochastic, generator, None, "nvfp4_gemm_operand"
+    )
+    m, k = x2.shape
+    if xb.numel() == 0:
+        return torch.zeros(as_2d(x).shape[0], k, dtype=dtype, device=x.device), g
+    one = torch.ones((), device=x.device)
+    if seeds is None:
+        vals = _fake_nearest(xb, scale_f32, enc, one, dtype)
+    else:
+        vals = _fake_stochastic(xb, scale_f32, enc, one, dtype, seeds)
+    return vals.reshape(m, k)[: as_2d(x).shape[0]], g
+
+
+@fused(dims=(0,))
+def _unpack_scaled(data: torch.Tensor, scale_f32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed codes [R, nb, 8] and fp32 scales [R, nb, 1] -> e2m1 * scale [R, nb, 16]."""
+    codes = torch.stack([data & 0x0F, data >> 4], dim=-1).reshape(data.shape[0], data.shape[1], 16)
+    mag = (codes & 7).to(torch.float32)
+    val = torch.where(mag <= 4.0, mag * 0.5, torch.where(mag == 7.0, 6.0, mag - 2.0))
+    val = torch.where(codes >= 8, -val, val)
+    return (val * scale_f32).to(dtype)
+
+
+def nvfp4_operand_from_packed(q: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, g)`` of a saved :class:`NVFP4Tensor` (padded width), as :func:`nvfp4_gemm_operand`."""
+    r, half = q.data.shape
+    vals = _unpack_scaled(q.data.view(r, half // 8, 8), q.scale.float().view(r, half // 8, 1), dtype)
+    return vals.view(r, half * 2), q.amax.float() / TENSOR_SCALE
