@@ -5,9 +5,12 @@ from .formats._compile import set_compile_mode
 from .formats.hadamard import hadamard_transform
 from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
 from .formats.registry import FORMATS, get_format
+from .integrations.transformers import from_config
+from .integrations.transformers import register as _register_with_transformers
 from .nn import NVFP4Linear, convert_model, set_precision, unconvert_model
 
 __version__ = "0.1.0"
+_register_with_transformers()
 __all__ = [
     "FORMATS",
     "NVFP4Config",
@@ -18,6 +21,7 @@ __all__ = [
     "NVFP4Tensor",
     "get_format",
     "fake_quantize_nvfp4",
+    "from_config",
     "hadamard_transform",
     "quantize_nvfp4",
     "set_compile_mode",

@@ -6,14 +6,19 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "hf_nvfp4"  # transformers already owns "nvfp4" (an inference-only path)
 BACKENDS = ("auto", "emulated", "te")
 PRECISIONS = ("nvfp4", "mxfp4", "fp8_block", "fp8_tensor", "mxfp8", "bf16")
 PAPER_BF16_SHARE = 0.15
 
 
 @dataclass
-class NVFP4Config:
-    """The paper's NVFP4 training recipe; every field has the paper's default.
+class NVFP4Config(QuantizationConfigMixin):
+    """The paper's NVFP4 training recipe, and the HF quantization config ``quant_method="hf_nvfp4"``.
+
+    Every field has the paper's default.
 
     disable_rht / disable_stochastic_rounding / disable_2d_quantization: TE's flags; each
         turns off exactly its part of the recipe (RHT on Wgrad inputs, stochastic rounding
@@ -46,11 +51,14 @@ class NVFP4Config:
     backend: str = "auto"
     format: str = "nvfp4"
     seed: int = 0
+    quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"NVFP4Config.quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}")
         for name in ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"NVFP4Config.{name} must be True or False, got {getattr(self, name)!r}")
@@ -92,13 +100,18 @@ class NVFP4Config:
     def to_dict(self) -> dict:
         return copy.deepcopy(asdict(self))
 
+    def to_diff_dict(self) -> dict:
+        return self.to_dict()
+
     @classmethod
-    def from_dict(cls, d: dict) -> NVFP4Config:
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        """Strict: an unknown key (a typo in a recipe or config.json) is an error naming it."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"quant_method"})
+        unknown = sorted(set(config_dict) - known)
         if unknown:
             raise ValueError(f"NVFP4Config: unknown field(s) {unknown}; valid fields are {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        config = cls(**config_dict)
+        return (config, kwargs) if return_unused_kwargs else config
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

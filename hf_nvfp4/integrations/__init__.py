@@ -1,0 +1,1 @@
+"""Glue to transformers, accelerate, the HF Trainer and lm-eval."""

@@ -1,0 +1,101 @@
+"""NVFP4Config as a transformers quantization config, with a matching HfQuantizer.
+
+After ``import hf_nvfp4``, ``from_pretrained(path, quantization_config=NVFP4Config())``
+converts the model's Linear layers while it is still on the meta device; the weights
+then load as plain master weights. ``save_pretrained`` writes the recipe into config.json
+(``quant_method: hf_nvfp4``) and no extra state keys, and loading that directory again
+converts with the stored recipe. transformers has no plugin entry points: without the
+import it stops with "Unknown quantization type, got hf_nvfp4".
+"""
+
+from __future__ import annotations
+
+from transformers import AutoModelForCausalLM
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from ..config import QUANT_METHOD, NVFP4Config
+from ..nn.convert import convert_model, unconvert_model
+
+
+class NVFP4HfQuantizer(HfQuantizer):
+    """Converts on load; weights stay plain, so it is trainable and serializable."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: NVFP4Config, **kwargs):
+        if isinstance(quantization_config, dict):
+            quantization_config = NVFP4Config.from_dict(quantization_config)
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        return None
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False  # master weights load unchanged
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        rank = int(__import__("os").environ.get("RANK", "0"))
+        return convert_model(model, self.quantization_config, rank=rank)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        return unconvert_model(model)
+
+
+def register() -> None:
+    """Register config and quantizer under ``"hf_nvfp4"`` (idempotent)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not NVFP4Config:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(NVFP4Config)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not NVFP4HfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(NVFP4HfQuantizer)
+
+
+def attach_quantizer(model, config: NVFP4Config):
+    """Mark a converted model as from_pretrained would: Trainer, save_pretrained and dequantize() then work."""
+    model.hf_quantizer = NVFP4HfQuantizer(config)
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    return model
+
+
+def from_config(config, nvfp4_config: NVFP4Config | None = None, **kwargs):
+    """Build a fresh model from an architecture config and convert it: pretraining from scratch.
+
+    transformers' ``from_config`` takes no quantization config (and silently ignores one set
+    on the config), so this is the from-scratch twin of ``from_pretrained(...,
+    quantization_config=NVFP4Config())``, returning the same kind of model.
+
+    >>> import hf_nvfp4
+    >>> from transformers import LlamaConfig
+    >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                   num_attention_heads=4, vocab_size=256)
+    >>> model = hf_nvfp4.from_config(cfg, hf_nvfp4.NVFP4Config())
+    >>> model.config.quantization_config.quant_method
+    'hf_nvfp4'
+    """
+    nvfp4_config = nvfp4_config or NVFP4Config()
+    if not isinstance(nvfp4_config, NVFP4Config):
+        raise TypeError(f"from_config: nvfp4_config must be an NVFP4Config, got {type(nvfp4_config).__name__}")
+    if "quantization_config" in kwargs:
+        raise TypeError("from_config: pass the recipe as nvfp4_config, not quantization_config")
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    rank = int(__import__("os").environ.get("RANK", "0"))
+    convert_model(model, nvfp4_config, rank=rank)
+    return attach_quantizer(model, nvfp4_config)
