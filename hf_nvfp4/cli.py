@@ -1,0 +1,59 @@
+"""Command line: ``hf-nvfp4 train [RECIPE]`` and ``hf-nvfp4 recipes``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _train(args) -> int:
+    from .recipe import load_recipe
+    from .train import run_recipe
+
+    overrides = list(args.set or [])
+    if args.max_steps is not None:
+        overrides.append(f"training.max_steps={args.max_steps}")
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={args.output_dir}")
+    recipe = load_recipe(args.recipe_opt or args.recipe, overrides)
+    run_recipe(recipe)
+    return 0
+
+
+def _recipes(args) -> int:
+    from .recipe import RECIPE_DIR
+
+    for p in sorted(RECIPE_DIR.glob("*.yaml")):
+        first = next((ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"{p.stem:24s} {first}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hf-nvfp4", description="NVFP4 pretraining for the Hugging Face stack")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a recipe end to end with the HF Trainer")
+    t.add_argument("recipe", nargs="?", default="tiny-cpu", help="recipe name (tiny-cpu, ...) or YAML path")
+    t.add_argument("--recipe", dest="recipe_opt", help="same as the positional argument (for accelerate launch)")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--output-dir")
+    t.set_defaults(fn=_train)
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(fn=_recipes)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("torch", "datasets", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .recipe import RecipeError
+
+    try:
+        return args.fn(args)
+    except RecipeError as exc:
+        print(f"hf-nvfp4: recipe error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Recipe files: YAML data (never code) describing one training run, validated strictly.
+
+An unknown or mistyped key is an error that names it and lists the valid ones. Loading uses
+``yaml.safe_load``; ``trust_remote_code`` stays off unless the recipe sets it; the network
+is used only when the recipe names a hub source (a model, tokenizer or dataset that is not
+a local path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import NVFP4Config
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used as written."""
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str | None = None  # hub id or local directory: from_pretrained
+    config: dict[str, Any] | None = None  # architecture config ({model_type: llama, ...}): from scratch
+    trust_remote_code: bool = False
+    dtype: str = "float32"  # master weights
+
+
+@dataclass
+class TokenizerSection:
+    kind: str = "byte"  # "byte": ByT5's byte tokenizer, built offline; "auto": AutoTokenizer
+    name_or_path: str | None = None
+
+
+@dataclass
+class DataSection:
+    source: str = "stdlib"  # "stdlib" (Python's own sources), "files" or "hub"
+    name: str | None = None  # hub dataset name
+    config_name: str | None = None
+    split: str = "train"
+    streaming: bool = False
+    files: list[str] = field(default_factory=list)  # local files or globs
+    format: str = "text"  # text | json | parquet (files)
+    text_field: str = "text"
+    seq_len: int = 256
+    max_files: int = 400  # stdlib: how many source files
+    eval_fraction: float = 0.02
+
+
+@dataclass
+class TrainingSection:
+    max_steps: int = 200
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # warmup-stable-decay: the last 20% of steps decay
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    bf16: bool = True
+    logging_steps: int = 10
+    save_steps: int = 0  # 0: only at the end
+    eval_steps: int = 0
+    dataloader_workers: int = 0
+
+
+@dataclass
+class PrecisionSwitchSection:
+    at: Any = None  # fraction of max_steps (0-1), a step (int), or tokens ("8.2T")
+    to: str = "bf16"
+    scope: str = "all"
+
+
+@dataclass
+class ShadowSection:
+    enabled: bool = False
+    mode: str = "lockstep"  # lockstep | reference
+    format: str = "fp8_block"
+    reference: str | None = None  # reference mode: trainer_state.json or CSV of a finished run
+
+
+@dataclass
+class EvaluationSection:
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None
+    every_n_steps: int = 0
+    limit: int | None = None
+    batch_size: int = 8
+
+
+@dataclass
+class LoggingSection:
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str | None = None
+    run_name: str | None = None
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    output_dir: str = "runs/recipe"
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    nvfp4: NVFP4Config | None = field(default_factory=NVFP4Config)  # null: train in plain BF16
+    precision_switch: PrecisionSwitchSection = field(default_factory=PrecisionSwitchSection)
+    fp8_shadow: ShadowSection = field(default_factory=ShadowSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def needs_network(self) -> list[str]:
+        """The hub sources this recipe names (empty: runs fully offline)."""
+        out = []
+        for what, name in (("model", self.model.name_or_path), ("tokenizer", self.tokenizer.name_or_path)):
+            if name and not Path(name).expanduser().exists():
+                out.append(f"{what} {name}")
+        if self.data.source == "hub":
+            out.append(f"dataset {self.data.name}")
+        return out
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.nvfp4 is not None:
+            d["nvfp4"] = {k: v for k, v in self.nvfp4.to_dict().items() if k != "quant_method"}
+        return d
+
+
+def _build(cls, data: Any, where: str):
+    if cls is NVFP4Config:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where} must be a mapping of NVFP4Config fields, got {type(data).__name__}")
+        try:
+            return NVFP4Config.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}: {data!r}")
+    types = {f.name: f.type for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types:
+            raise RecipeError(f"unknown key {where}.{key}; valid keys of {where} are: {', '.join(types)}")
+        kwargs[key] = _coerce(types[key], value, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(annotation: str, value: Any, where: str):
+    """Check ``value`` against a field's annotation (a string, e.g. ``"int | None"``)."""
+    options = [t.strip() for t in str(annotation).split("|")]
+    section = SECTIONS.get(options[0])
+    if section is not None:
+        return _build(section, value, where)
+    if value is None:
+        if "None" in options or "Any" in options:
+            return None
+        raise RecipeError(f"{where} may not be null (expected {annotation})")
+    for opt in options:
+        if opt == "Any":
+            return value
+        if opt == "bool" and isinstance(value, bool):
+            return value
+        if opt == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt == "str" and isinstance(value, str):
+            return value
+        if opt.startswith("dict") and isinstance(value, dict):
+            return value
+        if opt.startswith("list"):
+            items = [value] if isinstance(value, str) else value
+            if isinstance(items, list) and all(isinstance(v, str) for v in items):
+                return items
+    raise RecipeError(f"{where} must be {annotation}, got {type(value).__name__} {value!r}")
+
+
+SECTIONS = {
+    "ModelSection": ModelSection,
+    "TokenizerSection": TokenizerSection,
+    "DataSection": DataSection,
+    "TrainingSection": TrainingSection,
+    "NVFP4Config": NVFP4Config,
+    "PrecisionSwitchSection": PrecisionSwitchSection,
+    "ShadowSection": ShadowSection,
+    "EvaluationSection": EvaluationSection,
+    "LoggingSection": LoggingSection,
+}
+
+
+def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """A file path, or the name of a shipped recipe (``tiny-cpu``)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    for cand in (RECIPE_DIR / f"{name_or_path}.yaml", RECIPE_DIR / str(name_or_path)):
+        if cand.is_file():
+            return cand
+    shipped = sorted(x.stem for x in RECIPE_DIR.glob("*.yaml")) if RECIPE_DIR.is_dir() else []
+    raise RecipeError(f"no recipe file {name_or_path!r}; give a path to a YAML file or one of: {', '.join(shipped)}")
+
+
+def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe; ``overrides`` are ``section.key=value`` strings (YAML values).
+
+    >>> from hf_nvfp4.recipe import load_recipe
+    >>> load_recipe("tiny-cpu").training.max_steps > 0
+    True
+    """
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    data.setdefault("name", path.stem)
+    recipe = _build(Recipe, data, "recipe")
+    _check(recipe)
+    return recipe
+
+
+def _check(r: Recipe) -> None:
+    if (r.model.name_or_path is None) == (r.model.config is None):
+        raise RecipeError("recipe.model needs exactly one of name_or_path (pretrained) or config (from scratch)")
+    if r.model.config is not None and "model_type" not in r.model.config:
+        raise RecipeError("recipe.model.config needs a model_type (e.g. llama, qwen2, nemotron_h)")
+    if r.tokenizer.kind not in ("byte", "auto"):
+        raise RecipeError(f"recipe.tokenizer.kind must be 'byte' or 'auto', got {r.tokenizer.kind!r}")
+    if r.tokenizer.kind == "auto" and not (r.tokenizer.name_or_path or r.model.name_or_path):
+        raise RecipeError("recipe.tokenizer.kind 'auto' needs tokenizer.name_or_path (or a pretrained model)")
+    if r.data.source not in ("stdlib", "files", "hub"):
+        raise RecipeError(f"recipe.data.source must be stdlib, files or hub, got {r.data.source!r}")
+    if r.data.source == "hub" and not r.data.name:
+        raise RecipeError("recipe.data.source 'hub' needs data.name")
+    if r.data.source == "files" and not r.data.files:
+        raise RecipeError("recipe.data.source 'files' needs data.files")
+    if r.data.format not in ("text", "json", "parquet"):
+        raise RecipeError(f"recipe.data.format must be text, json or parquet, got {r.data.format!r}")
+    for key in ("max_steps", "batch_size", "grad_accum", "logging_steps"):
+        if getattr(r.training, key) < 1:
+            raise RecipeError(f"recipe.training.{key} must be >= 1")
+    if not 0 <= r.training.decay_fraction <= 1:
+        raise RecipeError("recipe.training.decay_fraction must be within [0, 1]")
+    if r.data.seq_len < 16:
+        raise RecipeError("recipe.data.seq_len must be >= 16")
+    if r.precision_switch.scope not in ("all", "forward"):
+        raise RecipeError("recipe.precision_switch.scope must be 'all' or 'forward'")
+    if r.fp8_shadow.mode not in ("lockstep", "reference"):
+        raise RecipeError("recipe.fp8_shadow.mode must be 'lockstep' or 'reference'")

@@ -1,0 +1,167 @@
+"""Run a recipe end to end with the HF Trainer: the ``hf-nvfp4 train`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .recipe import Recipe
+
+logger = logging.getLogger("hf_nvfp4")
+
+
+def _offline_unless_needed(recipe: Recipe) -> None:
+    """No network unless the recipe names a hub source."""
+    if recipe.needs_network():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        import datasets
+        import huggingface_hub.constants as hc
+
+        hc.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
+    except (ImportError, AttributeError):
+        pass
+
+
+def build_model(recipe: Recipe, vocab_size: int):
+    """from_pretrained with NVFP4Config, or a fresh model from the recipe's architecture config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .integrations.transformers import from_config
+
+    m = recipe.model
+    dtype = getattr(torch, m.dtype)
+    trust = {"trust_remote_code": True} if m.trust_remote_code else {}
+    if m.name_or_path:
+        kw = {"quantization_config": recipe.nvfp4} if recipe.nvfp4 is not None else {}
+        return AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype, **kw, **trust)
+    arch = dict(m.config)
+    model_type = arch.pop("model_type")
+    arch.setdefault("vocab_size", vocab_size)
+    cfg = AutoConfig.for_model(model_type, **arch)
+    if recipe.nvfp4 is None:
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype, **trust)
+    return from_config(cfg, recipe.nvfp4, dtype=dtype, **trust)
+
+
+def training_arguments(recipe: Recipe):
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    decay = int(round(t.decay_fraction * t.max_steps))
+    warmup = min(t.warmup_steps, t.max_steps - decay)
+    report = [r for r in recipe.logging.report_to if r != "none"]
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(recipe.output_dir) / "logs"))
+    if "wandb" in report and recipe.logging.wandb_project:
+        os.environ.setdefault("WANDB_PROJECT", recipe.logging.wandb_project)
+    return TrainingArguments(
+        output_dir=recipe.output_dir,
+        run_name=recipe.logging.run_name or recipe.name,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type="warmup_stable_decay",
+        lr_scheduler_kwargs={"num_decay_steps": decay, "min_lr_ratio": t.min_lr_ratio},
+        warmup_steps=warmup,
+        adam_beta1=t.beta1,
+        adam_beta2=t.beta2,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.grad_clip,
+        seed=t.seed,
+        bf16=t.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps or None,
+        report_to=report or "none",
+        dataloader_num_workers=t.dataloader_workers,
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+    )
+
+
+def run_recipe(recipe: Recipe, *, extra_callbacks=None) -> dict:
+    """Train per ``recipe``; returns the summary (also printed and written to summary.json)."""
+    from transformers import Trainer, default_data_collator
+
+    from .data import build_datasets, build_tokenizer
+
+    _offline_unless_needed(recipe)
+    torch.manual_seed(recipe.training.seed)
+    tokenizer = build_tokenizer(recipe)
+    args = training_arguments(recipe)
+    with args.main_process_first(desc="dataset"):
+        train_ds, eval_ds = build_datasets(recipe, tokenizer)
+    vocab = int(math.ceil(len(tokenizer) / 16) * 16)
+    model = build_model(recipe, vocab)
+    from .integrations.callbacks import callbacks_from_recipe
+
+    callbacks = callbacks_from_recipe(recipe) + list(extra_callbacks or [])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=default_data_collator,
+        callbacks=callbacks,
+    )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning(
+            "hf_nvfp4: the accelerate config asks for FSDP, but accelerate enables FSDP only for GPU "
+            "launches; this run uses %s instead",
+            trainer.accelerator.distributed_type,
+        )
+    start = time.perf_counter()
+    result = trainer.train()
+    elapsed = time.perf_counter() - start
+    trainer.save_model(recipe.output_dir)
+    tokenizer.save_pretrained(recipe.output_dir)
+    t = recipe.training
+    tokens = trainer.state.global_step * t.batch_size * t.grad_accum * args.world_size * recipe.data.seq_len
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "recipe": recipe.name,
+        "steps": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else result.training_loss,
+        "train_loss_mean": result.training_loss,
+        "tokens": tokens,
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+        "seconds": elapsed,
+        "world_size": args.world_size,
+        "checkpoint": str(Path(recipe.output_dir).resolve()),
+        "logs": str(Path(os.environ["TENSORBOARD_LOGGING_DIR"]).resolve()),
+        "nvfp4": recipe.nvfp4.to_dict() if recipe.nvfp4 is not None else None,
+        "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
+    }
+    if trainer.is_world_process_zero():
+        Path(recipe.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+        (Path(recipe.output_dir) / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2, default=str))
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    first = f"{s['first_loss']:.4f} -> " if s["first_loss"] is not None else ""
+    return "\n".join(
+        [
+            f"hf-nvfp4: finished recipe {s['recipe']!r}: {s['steps']} steps on {s['world_size']} process(es)",
+            f"  loss        {first}{s['final_loss']:.4f}",
+            f"  throughput  {s['tokens_per_s']:.0f} tokens/s ({s['tokens']} tokens in {s['seconds']:.0f} s)",
+            f"  checkpoint  {s['checkpoint']}  (a plain HF checkpoint; import hf_nvfp4 to reload it converted)",
+            f"  logs        {s['logs']}  (tensorboard --logdir {s['logs']})",
+        ]
+    )
