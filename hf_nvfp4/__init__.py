@@ -5,6 +5,7 @@ from .formats._compile import set_compile_mode
 from .formats.hadamard import hadamard_transform
 from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
 from .formats.registry import FORMATS, get_format
+from .integrations.callbacks import FP8ShadowCallback, PrecisionSwitchCallback
 from .integrations.transformers import from_config
 from .integrations.transformers import register as _register_with_transformers
 from .nn import NVFP4Linear, convert_model, set_precision, unconvert_model
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 _register_with_transformers()
 __all__ = [
     "FORMATS",
+    "FP8ShadowCallback",
+    "PrecisionSwitchCallback",
     "NVFP4Config",
     "NVFP4Linear",
     "convert_model",

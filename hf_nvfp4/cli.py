@@ -30,6 +30,14 @@ def _recipes(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from .plots import plot_loss_parity
+
+    out = plot_loss_parity(args.run, args.out, tag=args.tag)
+    print(f"hf-nvfp4: wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-nvfp4", description="NVFP4 pretraining for the Hugging Face stack")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -40,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-steps", type=int)
     t.add_argument("--output-dir")
     t.set_defaults(fn=_train)
+    pl = sub.add_parser("plot-parity", help="plot a run's loss against its FP8/BF16 shadow")
+    pl.add_argument("run", help="run directory (with trainer_state.json) or the file")
+    pl.add_argument("--out", default="loss_parity.png")
+    pl.add_argument("--tag", default="fp8", choices=["fp8", "bf16"])
+    pl.set_defaults(fn=_plot)
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=_recipes)
     args = ap.parse_args(argv)

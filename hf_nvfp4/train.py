@@ -129,6 +129,8 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None) -> dict:
     elapsed = time.perf_counter() - start
     trainer.save_model(recipe.output_dir)
     tokenizer.save_pretrained(recipe.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(str(Path(recipe.output_dir) / "trainer_state.json"))
     t = recipe.training
     tokens = trainer.state.global_step * t.batch_size * t.grad_accum * args.world_size * recipe.data.seq_len
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
