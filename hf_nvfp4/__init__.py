@@ -6,6 +6,7 @@ from .formats.hadamard import hadamard_transform
 from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
 from .formats.registry import FORMATS, get_format
 from .integrations.callbacks import FP8ShadowCallback, PrecisionSwitchCallback
+from .integrations.lm_eval import LMEvalCallback, evaluate_lm
 from .integrations.transformers import from_config
 from .integrations.transformers import register as _register_with_transformers
 from .nn import NVFP4Linear, convert_model, set_precision, unconvert_model
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 _register_with_transformers()
 __all__ = [
     "FORMATS",
+    "LMEvalCallback",
+    "evaluate_lm",
     "FP8ShadowCallback",
     "PrecisionSwitchCallback",
     "NVFP4Config",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _train(args) -> int:
@@ -38,6 +39,33 @@ def _plot(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from .evaluation import evaluate_checkpoint, format_table
+
+    out = args.out or str(Path(args.model_dir) / f"eval_{args.precision or 'as-trained'}.json")
+    s = evaluate_checkpoint(
+        args.model_dir,
+        args.tasks,
+        include_path=args.include_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        out=out,
+    )
+    print(format_table({Path(args.model_dir).name: s["metrics"]}))
+    print(f"hf-nvfp4: wrote {out}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .evaluation import compare_runs
+
+    names = args.names.split(",") if args.names else None
+    print(compare_runs(args.files, names, args.baseline))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-nvfp4", description="NVFP4 pretraining for the Hugging Face stack")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -53,6 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--out", default="loss_parity.png")
     pl.add_argument("--tag", default="fp8", choices=["fp8", "bf16"])
     pl.set_defaults(fn=_plot)
+    e = sub.add_parser("eval", help="evaluate a saved checkpoint with lm-eval (bundled offline tasks or any)")
+    e.add_argument("model_dir")
+    e.add_argument("--tasks", default="nvfp4_stdlib_ppl,nvfp4_stdlib_mc", help="comma-separated task names")
+    e.add_argument("--include-path", help="a directory of your own task YAMLs")
+    e.add_argument("--limit", type=float, help="examples per task (int) or fraction")
+    e.add_argument("--num-fewshot", type=int)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--precision", choices=["nvfp4", "bf16"], help="forward numerics (default: as trained)")
+    e.add_argument("--out", help="JSON file (default: MODEL_DIR/eval_<precision>.json)")
+    e.set_defaults(fn=_eval)
+    c = sub.add_parser("compare", help="one table of several eval JSONs (e.g. NVFP4 vs FP8 vs BF16)")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--names", help="comma-separated column names")
+    c.add_argument("--baseline", help="column to compute relative gaps against (default: the first)")
+    c.set_defaults(fn=_compare)
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=_recipes)
     args = ap.parse_args(argv)
@@ -62,9 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import RecipeError
 
     try:
+        if getattr(args, "limit", None) is not None and args.limit >= 1:
+            args.limit = int(args.limit)
         return args.fn(args)
     except RecipeError as exc:
         print(f"hf-nvfp4: recipe error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"hf-nvfp4: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -149,6 +149,14 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None) -> dict:
         "nvfp4": recipe.nvfp4.to_dict() if recipe.nvfp4 is not None else None,
         "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
     }
+    ev = recipe.evaluation
+    if ev.tasks and trainer.is_world_process_zero() and not trainer.is_fsdp_enabled:
+        from .integrations.lm_eval import evaluate_lm, headline_metrics
+
+        res = evaluate_lm(
+            model, tokenizer, ev.tasks, include_path=ev.include_path, limit=ev.limit, batch_size=ev.batch_size
+        )
+        summary["eval"] = headline_metrics(res)
     if trainer.is_world_process_zero():
         Path(recipe.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
         (Path(recipe.output_dir) / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2, default=str))

@@ -454,10 +454,20 @@ def callbacks_from_recipe(recipe: Recipe) -> list:
     sh = recipe.fp8_shadow
     if sh.enabled:
         cbs.append(FP8ShadowCallback(sh.mode, format=sh.format, reference=sh.reference))
-    if recipe.evaluation.tasks:
-        from ..recipe import RecipeError
+    ev = recipe.evaluation
+    if ev.tasks:
+        from .lm_eval import LMEvalCallback
 
-        raise RecipeError("recipe.evaluation.tasks needs the lm-eval hooks, which are not part of this release yet")
+        cbs.append(
+            LMEvalCallback(
+                ev.tasks,
+                ev.every_n_steps or None,
+                on_evaluate=not ev.every_n_steps,
+                include_path=ev.include_path,
+                limit=ev.limit,
+                batch_size=ev.batch_size,
+            )
+        )
     return cbs
 
 
