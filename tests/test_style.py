@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_ruff_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    dirs = [d for d in ("hf_nvfp4", "tests", "benchmarks", "examples") if (ROOT / d).is_dir()]
+    dirs = [d for d in ("hf_nvfp4", "tests", "benchmarks", "examples", "tools") if (ROOT / d).is_dir()]
     out = subprocess.run([ruff, "check", *dirs], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
