@@ -66,6 +66,16 @@ def _compare(args) -> int:
     return 0
 
 
+def _ablate(args) -> int:
+    from .ablate import ablate
+
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    variants = args.variants.split(",") if args.variants else None
+    cmd = "hf-nvfp4 ablate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["ablate"] else None
+    ablate(args.recipe, seeds, variants, args.out, args.set, command=cmd, runs_dir=args.runs_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-nvfp4", description="NVFP4 pretraining for the Hugging Face stack")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -96,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--names", help="comma-separated column names")
     c.add_argument("--baseline", help="column to compute relative gaps against (default: the first)")
     c.set_defaults(fn=_compare)
+    a = sub.add_parser("ablate", help="the paper's ablations at small scale, paired over seeds, resumable")
+    a.add_argument("recipe", nargs="?", default="ablation-cpu", help="recipe for the model and data (ablation-cpu)")
+    a.add_argument("--seeds", default="0,1,2")
+    a.add_argument(
+        "--variants",
+        help="comma-separated subset of: bf16,fp8,nvfp4,no_rht,no_sr,no_2d,all_nvfp4,"
+        "mxfp4,switch_all,switch_fwd (default: all)",
+    )
+    a.add_argument("--out", default="docs/results", help="where runs.jsonl, ablation.md and the plots go")
+    a.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
+    a.add_argument("--runs-dir", help="where each run's checkpoint goes (default runs/ablate/RECIPE)")
+    a.set_defaults(fn=_ablate)
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=_recipes)
     args = ap.parse_args(argv)

@@ -53,7 +53,7 @@ def build_model(recipe: Recipe, vocab_size: int):
     return from_config(cfg, recipe.nvfp4, dtype=dtype, **trust)
 
 
-def training_arguments(recipe: Recipe):
+def training_arguments(recipe: Recipe, quiet: bool = False):
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -90,11 +90,23 @@ def training_arguments(recipe: Recipe):
         dataloader_num_workers=t.dataloader_workers,
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
+        disable_tqdm=quiet,
     )
 
 
-def run_recipe(recipe: Recipe, *, extra_callbacks=None) -> dict:
-    """Train per ``recipe``; returns the summary (also printed and written to summary.json)."""
+def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = False, quiet: bool = False) -> dict:
+    """Train per ``recipe``; returns the summary (also printed and written to summary.json).
+
+    evaluate_at_end: also report the loss on the recipe's held-out split (``eval_loss``).
+    quiet: no progress bars or summary print (for sweeps that show their own progress).
+    """
+    if quiet:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+        logger.setLevel(logging.WARNING)
     from transformers import Trainer, default_data_collator
 
     from .data import build_datasets, build_tokenizer
@@ -102,7 +114,7 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None) -> dict:
     _offline_unless_needed(recipe)
     torch.manual_seed(recipe.training.seed)
     tokenizer = build_tokenizer(recipe)
-    args = training_arguments(recipe)
+    args = training_arguments(recipe, quiet)
     with args.main_process_first(desc="dataset"):
         train_ds, eval_ds = build_datasets(recipe, tokenizer)
     vocab = int(math.ceil(len(tokenizer) / 16) * 16)
@@ -149,6 +161,8 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None) -> dict:
         "nvfp4": recipe.nvfp4.to_dict() if recipe.nvfp4 is not None else None,
         "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
     }
+    if evaluate_at_end and eval_ds is not None:
+        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     ev = recipe.evaluation
     if ev.tasks and trainer.is_world_process_zero() and not trainer.is_fsdp_enabled:
         from .integrations.lm_eval import evaluate_lm, headline_metrics
@@ -158,9 +172,10 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None) -> dict:
         )
         summary["eval"] = headline_metrics(res)
     if trainer.is_world_process_zero():
-        Path(recipe.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+        (Path(recipe.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         (Path(recipe.output_dir) / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2, default=str))
-        print(format_summary(summary), flush=True)
+        if not quiet:
+            print(format_summary(summary), flush=True)
     return summary
 
 

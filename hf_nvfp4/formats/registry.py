@@ -63,10 +63,7 @@ class Format:
         amax=None,
     ):
         """Quantize ``x`` (blocks along the last dim); returns the format's quantized container."""
-        kw = self._kwargs(tile, stochastic, generator, amax, "quantize")
-        if rht and self.name == "nvfp4":
-            return self._quantize(x, rht=True, **kw)
-        return self._quantize(_rht(x) if rht else x, **kw)
+        return self._call(self._quantize, x, tile, rht, stochastic, generator, amax, "quantize")
 
     def fake_quantize(
         self,
@@ -80,21 +77,20 @@ class Format:
     ) -> torch.Tensor:
         """Quantize and dequantize; returns ``x``'s shape and dtype (in the RHT basis if ``rht``).
 
-        For ``rht=True`` the last dim must be a multiple of 16 for formats other than NVFP4.
+        With ``rht=True`` the last dim is zero-padded to a multiple of 16 first, and the output keeps that width.
         """
-        kw = self._kwargs(tile, stochastic, generator, amax, "fake_quantize")
-        if rht and self.name == "nvfp4":
-            return self._fake(x, rht=True, **kw)
-        return self._fake(_rht(x) if rht else x, **kw)
+        return self._call(self._fake, x, tile, rht, stochastic, generator, amax, "fake_quantize")
+
+    def _call(self, fn, x, tile, rht, stochastic, generator, amax, what):
+        kw = self._kwargs(tile, stochastic, generator, amax, what)
+        if rht and self.name == "nvfp4":  # NVFP4 takes the amax after its own transform
+            return fn(x, rht=True, **kw)
+        return fn(_rht(x) if rht else x, **kw)
 
 
 def _rht(x: torch.Tensor) -> torch.Tensor:
     pad = (-x.shape[-1]) % 16
     return hadamard_transform(F.pad(x, (0, pad)) if pad else x)
-
-
-def _bf16_fake(x: torch.Tensor, **_unused) -> torch.Tensor:
-    return x.detach().to(torch.bfloat16).to(x.dtype)
 
 
 FORMATS: dict[str, Format] = {
