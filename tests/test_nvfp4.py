@@ -198,3 +198,12 @@ def test_fused_matches_eager_bit_for_bit(eager_and_fused):
         assert torch.equal(a, b)
     codes, scale, _ = ref.nvfp4(x, tile=(16, 16))
     np.testing.assert_array_equal(unpack_nibbles(fused[4]).numpy(), codes)
+
+
+def test_rht_ignores_autocast():
+    x = torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = hf_nvfp4.hadamard_transform(x)
+        q = hf_nvfp4.quantize_nvfp4(x, rht=True)
+    assert y.dtype == torch.float32 and torch.equal(y, hf_nvfp4.hadamard_transform(x))
+    assert torch.equal(q.data, hf_nvfp4.quantize_nvfp4(x, rht=True).data)

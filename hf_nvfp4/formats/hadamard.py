@@ -57,4 +57,5 @@ def hadamard_transform(x: torch.Tensor, size: int = 16) -> torch.Tensor:
             "on both GEMM operands leaves their product unchanged)"
         )
     h = hadamard_matrix(size, x.dtype, x.device)
-    return (x.reshape(-1, size) @ h).view(x.shape)
+    with torch.autocast(x.device.type, enabled=False):  # in x's dtype even inside a bf16 autocast region
+        return (x.reshape(-1, size) @ h).view(x.shape)
