@@ -5,8 +5,9 @@ from .formats._compile import set_compile_mode
 from .formats.hadamard import hadamard_transform
 from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
 from .formats.registry import FORMATS, get_format
-from .integrations.callbacks import FP8ShadowCallback, PrecisionSwitchCallback
+from .integrations.callbacks import PrecisionSwitchCallback
 from .integrations.lm_eval import LMEvalCallback, evaluate_lm
+from .integrations.shadow import FP8ShadowCallback
 from .integrations.transformers import from_config
 from .integrations.transformers import register as _register_with_transformers
 from .nn import NVFP4Linear, convert_model, set_precision, unconvert_model
