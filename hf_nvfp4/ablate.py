@@ -103,6 +103,8 @@ def summarize(rows: list[dict], variants: list[str]) -> list[dict]:
 
 
 def _gap_cell(r: dict, ref: str) -> str:
+    if r["variant"] == ref:
+        return "(reference)"
     m, s = r[f"gap_vs_{ref}"], r[f"gap_vs_{ref}_std"]
     if m != m:  # NaN: no reference run
         return "-"
@@ -138,6 +140,7 @@ def plot(rows: list[dict], variants: list[str], out_dir: Path, title: str) -> li
         steps = [c[0] for c in curves[0][:n]]
         return steps, [statistics.fmean(c[i][1] for c in curves) for i in range(n)], by[(v, seeds[0])]
 
+    color = {v: f"C{i % 10}" for i, v in enumerate(VARIANTS)}  # one colour per variant in every panel
     paths = []
     fig, ax = plt.subplots(figsize=(8, 5))
     for v in variants:
@@ -145,7 +148,7 @@ def plot(rows: list[dict], variants: list[str], out_dir: Path, title: str) -> li
         if mc:
             steps, loss, r = mc
             tok = [s * r["tokens"] / r["loss_curve"][-1][0] / 1e6 for s in steps]
-            ax.plot(tok, loss, label=v, linestyle="--" if v in ("bf16", "fp8") else "-")
+            ax.plot(tok, loss, label=v, color=color[v], linestyle="--" if v in ("bf16", "fp8") else "-")
     ax.set_xlabel("tokens (M)")
     ax.set_ylabel(f"training loss (mean of {len(seeds)} seeds)")
     ax.set_title(title)
@@ -168,12 +171,12 @@ def plot(rows: list[dict], variants: list[str], out_dir: Path, title: str) -> li
             n = min(len(loss), len(ref_curve[1]))
             tok = [s * r["tokens"] / r["loss_curve"][-1][0] / 1e6 for s in steps[:n]]
             gap = [100 * (a - b) / b for a, b in zip(loss[:n], ref_curve[1][:n], strict=True)]
-            ax.plot(tok, gap, label=v)
+            ax.plot(tok, gap, label=v, color=color[v], linestyle=":" if v in ("bf16", "fp8") else "-")
         ax.axhline(0, color="gray", linewidth=0.8)
+        ax.legend(fontsize=7, ncol=2)
         ax.set_title(f"relative loss gap vs {ref.upper()}")
         ax.set_xlabel("tokens (M)")
-    axes[0].set_ylabel("(loss - ref) / ref [%], seed mean")
-    axes[1].legend(fontsize=8)
+    axes[0].set_ylabel("(training loss - ref) / ref [%], seed mean")
     fig.tight_layout()
     paths.append(out_dir / "ablation_relative_gap.png")
     fig.savefig(paths[-1], dpi=120)
