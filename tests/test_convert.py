@@ -11,7 +11,7 @@ from hf_nvfp4.nn import find_blocks, plan_conversion
 from hf_nvfp4.nn.te_backend import parse_version, select_backend, te_recipe_kwargs, te_status, te_unsupported_reason
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "nemotron_h"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "nemotron_h"])
 def test_convert_hf_models(arch):
     model = tiny(arch, layers=6)
     before = copy.deepcopy(model.state_dict())
