@@ -5,7 +5,7 @@ from .formats._compile import set_compile_mode
 from .formats.hadamard import hadamard_transform
 from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
 from .formats.registry import FORMATS, get_format
-from .integrations.callbacks import PrecisionSwitchCallback
+from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
 from .integrations.lm_eval import LMEvalCallback, evaluate_lm
 from .integrations.shadow import FP8ShadowCallback
 from .integrations.transformers import from_config
@@ -20,6 +20,7 @@ __all__ = [
     "evaluate_lm",
     "FP8ShadowCallback",
     "PrecisionSwitchCallback",
+    "QuantHealthCallback",
     "NVFP4Config",
     "NVFP4Linear",
     "convert_model",

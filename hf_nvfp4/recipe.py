@@ -104,6 +104,7 @@ class LoggingSection:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str | None = None
     run_name: str | None = None
+    health_every_n_steps: int = 0  # > 0: log weight quantization health (QuantHealthCallback)
 
 
 @dataclass

@@ -160,3 +160,23 @@ def test_recipe_maps_onto_callbacks():
     assert [type(c).__name__ for c in cbs] == ["PrecisionSwitchCallback", "FP8ShadowCallback"]
     assert cbs[0].fraction == 0.82 and cbs[0].scope == "forward"
     assert [type(c) for c in callbacks_from_recipe(load_recipe("tiny-cpu"))] == [SRStateCallback]
+
+
+def test_quant_health_statistics(tmp_path):
+    from hf_nvfp4.integrations.callbacks import QuantHealthCallback, weight_health
+
+    model = hf_nvfp4.convert_model(torch.nn.Sequential(torch.nn.Linear(64, 64)))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 64))
+        model[0].weight[0, :16] = 1e-6  # a tile's tiny values next to large ones underflow
+        model[0].weight[0, 16] = 50.0
+    stats = weight_health(model)
+    assert stats["nvfp4_health/weight_underflow_max"] > 0
+    assert 0 <= stats["nvfp4_health/weight_saturated_mean"] <= 1
+    tr = _trainer(tmp_path, [QuantHealthCallback(every_n_steps=5)], max_steps=10)
+    tr.args.save_strategy = "no"
+    tr.train()
+    logged = [h["step"] for h in tr.state.log_history if "nvfp4_health/weight_underflow_mean" in h]
+    assert logged == [5, 10] and [h["step"] for h in tr.state.log_history if "loss" in h] == [5, 10]
+    with pytest.raises(ValueError, match="every_n_steps"):
+        QuantHealthCallback(0)

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from ..config import PRECISIONS
 from ..nn.convert import set_precision
+from ..nn.linear import NVFP4Linear
 from ..recipe import Recipe
 
 logger = logging.getLogger("hf_nvfp4")
@@ -212,6 +213,8 @@ def callbacks_from_recipe(recipe: Recipe) -> list:
         from .shadow import FP8ShadowCallback
 
         cbs.append(FP8ShadowCallback(sh.mode, format=sh.format, reference=sh.reference))
+    if recipe.logging.health_every_n_steps and recipe.nvfp4 is not None:
+        cbs.append(QuantHealthCallback(recipe.logging.health_every_n_steps))
     ev = recipe.evaluation
     if ev.tasks:
         from .lm_eval import LMEvalCallback
@@ -229,4 +232,58 @@ def callbacks_from_recipe(recipe: Recipe) -> list:
     return cbs
 
 
-__all__ = ["PrecisionSwitchCallback", "SRStateCallback", "parse_tokens"]
+def weight_health(model) -> dict[str, float]:
+    """Quantization health of every NVFP4 layer's weight, as the recipe quantizes it (16x16 tiles).
+
+    underflow: share of non-zero weights that quantize to zero; saturated: share of elements
+    whose scaled magnitude exceeds 6 and is clamped (the E4M3 block scale rounded down).
+    Returns the mean and max over layers.
+    """
+    from ..formats.nvfp4 import TENSOR_SCALE, quantize_nvfp4
+
+    under, sat = [], []
+    with torch.no_grad():
+        for m in _unwrap(model).modules():
+            if not isinstance(m, NVFP4Linear) or m.precision != "nvfp4" or m.weight.is_meta:
+                continue
+            w = m.weight.detach().float()
+            tile = (1, 16) if m.nvfp4_state.config.disable_2d_quantization else (16, 16)
+            q = quantize_nvfp4(w, tile=tile)
+            nz = w != 0
+            under.append(float(((q.dequantize() == 0) & nz).sum() / nz.sum().clamp(min=1)))
+            # the largest magnitude a block can hold is 6 * scale * amax / 2688
+            limit = (6.0 * q.scale.float() * (q.amax / TENSOR_SCALE)).repeat_interleave(16, dim=1)
+            sat.append(float((w.abs() > limit[:, : w.shape[1]] * (1 + 1e-6)).float().mean()))
+    if not under:
+        return {}
+    return {
+        "nvfp4_health/weight_underflow_mean": sum(under) / len(under),
+        "nvfp4_health/weight_underflow_max": max(under),
+        "nvfp4_health/weight_saturated_mean": sum(sat) / len(sat),
+        "nvfp4_health/weight_saturated_max": max(sat),
+    }
+
+
+class QuantHealthCallback(_TrainerBound):
+    """Low-rate quantization health statistics of the weights, logged every ``every_n_steps``.
+
+    >>> from hf_nvfp4.integrations.callbacks import QuantHealthCallback
+    >>> cb = QuantHealthCallback(every_n_steps=200)
+    """
+
+    def __init__(self, every_n_steps: int = 100):
+        if every_n_steps < 1:
+            raise ValueError(f"QuantHealthCallback: every_n_steps must be >= 1, got {every_n_steps}")
+        self.every = every_n_steps
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            stats = weight_health(model)
+            if stats:
+                tr = self._find_trainer()
+                should = control.should_log  # trainer.log resets it; keep this step's own log
+                tr.log(stats)
+                control.should_log = should
+
+
+__all__ = ["PrecisionSwitchCallback", "QuantHealthCallback", "SRStateCallback", "parse_tokens", "weight_health"]
