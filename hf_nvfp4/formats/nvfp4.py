@@ -25,8 +25,7 @@ from . import _random
 from ._common import E4M3_MAX, FLT_MAX, as_2d, check_amax, check_input, check_tile, pad_2d
 from ._compile import fused
 from .e2m1 import (
-    codes_from_values,
-    pack_nibbles,
+    packed_codes,
     round_e2m1,
     round_e2m1_stochastic,
     signed,
@@ -144,13 +143,13 @@ def _fake_stochastic(xb, scale_f32, enc, g, dtype, seeds):
 @fused(dims=(0, 2))
 def _codes_nearest(xb, enc):
     q, v = _round(xb, enc, None)
-    return codes_from_values(q, v)
+    return packed_codes(q, v)
 
 
 @fused(dims=(0, 2))
 def _codes_stochastic(xb, enc, seeds):
     q, v = _round(xb, enc, seeds)
-    return codes_from_values(q, v)
+    return packed_codes(q, v)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -225,13 +224,13 @@ def quantize_nvfp4(
     )
     m, k = x2.shape
     if xb.numel() == 0:
-        codes = torch.empty(m, k, dtype=torch.uint8, device=x.device)
+        packed = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
     elif seeds is None:
-        codes = _codes_nearest(xb, enc)
+        packed = _codes_nearest(xb, enc)
     else:
-        codes = _codes_stochastic(xb, enc, seeds)
+        packed = _codes_stochastic(xb, enc, seeds)
     rows = as_2d(x).shape[0]
-    data = pack_nibbles(codes.reshape(m, k))[:rows]
+    data = packed.reshape(m, k // 2)[:rows]
     scales = _scale_matrix(scale, tile, m, k)[:rows]
     return NVFP4Tensor(data.contiguous(), scales.contiguous(), amax.float(), x.shape, tile, rht)
 
