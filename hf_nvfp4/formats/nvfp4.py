@@ -181,6 +181,9 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
         mult, s_dec, g = _tensor_scalars(amax.to(x.device))
         keep = [1 if d in dims else n for d, n in enumerate(xb.shape)]
         scale, scale_f32, enc = _scales(vmax.view(keep), mult, s_dec)
+        if tile == (16, 16):  # tile values onto their 16 rows: the element kernels then see [B, 16] blocks
+            scale, scale_f32, enc = (t.expand(-1, 16, -1, -1).reshape(-1, 1) for t in (scale, scale_f32, enc))
+            xb = x2.view(-1, 16)
     seeds = _random.draw_seeds(generator, x.device) if stochastic else None
     return x, x2, xb, scale, scale_f32, enc, g, seeds, amax, tile
 
@@ -188,13 +191,6 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
 def _empty_scales(xb):
     shape = (0, 1) if xb.ndim == 2 else (0, 1, xb.shape[2], 1)
     return torch.empty(shape, dtype=torch.float8_e4m3fn, device=xb.device), torch.empty(shape, device=xb.device)
-
-
-def _scale_matrix(scale: torch.Tensor, tile, m: int, k: int) -> torch.Tensor:
-    """Scales in TE's [M, K/16] layout (a 16x16 tile's scale on each of its rows)."""
-    if tile == (1, 16):
-        return scale.view(m, k // 16)
-    return scale.view(-1, k // 16).repeat_interleave(16, dim=0)
 
 
 def quantize_nvfp4(
@@ -231,7 +227,7 @@ def quantize_nvfp4(
         packed = _codes_stochastic(xb, enc, seeds)
     rows = as_2d(x).shape[0]
     data = packed.reshape(m, k // 2)[:rows]
-    scales = _scale_matrix(scale, tile, m, k)[:rows]
+    scales = scale.view(m, k // 16)[:rows]  # TE's layout: a 16x16 tile's scale on each of its rows
     return NVFP4Tensor(data.contiguous(), scales.contiguous(), amax.float(), x.shape, tile, rht)
 
 
