@@ -122,7 +122,9 @@ def _launch(tmp_path, accel_config, batch, name):
         ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads((tmp_path / f"{name}.json").read_text())
+    out = json.loads((tmp_path / f"{name}.json").read_text())
+    out["stderr"] = res.stderr
+    return out
 
 
 def test_ddp_through_accelerate_matches_one_process(tmp_path):
@@ -136,6 +138,13 @@ def test_ddp_through_accelerate_matches_one_process(tmp_path):
     # (taken per process over 4 sequences): within 2% of the loss at every step.
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 0.02 * x, (a, b)
+
+
+def test_cpu_fsdp2_config_runs_and_says_it_is_ddp(tmp_path):
+    """accelerate 1.15 enables FSDP only for GPU launches: the CPU FSDP2 config trains with DDP and says so."""
+    run = _launch(tmp_path, "cpu_fsdp2.yaml", 4, "fsdp_cfg")
+    assert run["world_size"] == 2 and run["param_type"] == "Parameter"
+    assert "accelerate enables FSDP only for GPU launches" in run["stderr"]
 
 
 def test_fsdp2_on_cpu(tmp_path):
