@@ -169,7 +169,7 @@ def _checkpoint_dir(args, state) -> Path:
 
 def _save_sr_state(model, args, state) -> None:
     st = getattr(_unwrap(model), "nvfp4_state", None)
-    if st is not None and state.is_world_process_zero is not None:
+    if st is not None:  # every process saves its own stream (rank-suffixed file)
         d = _checkpoint_dir(args, state)
         d.mkdir(parents=True, exist_ok=True)
         rank = int(os.environ.get("RANK", "0"))
