@@ -1,27 +1,134 @@
-"""One forward+backward (bf16 autocast) of a 2-block Llama: NVFP4 recipe vs unconverted.
+"""Training step and inference forward of a 2-block Llama: NVFP4 (emulated) vs unconverted.
 
     python benchmarks/train_step.py [--hidden 1024] [--intermediate 2816] [--seq 512] [--batch 2]
+                                    [--repeats 7] [--widths 512,1024,2048] [--width-repeats 3]
 
-Same model, same weights, same batch, one process; best of N steps after warm-up. Memory:
-bytes of the tensors autograd saves for backward (activation memory), and on CUDA the
-peak allocated memory too. Variants: the full recipe with its default BF16 blocks (with 2
-blocks, the last one stays BF16), and every block in NVFP4.
+One default process (no allocator settings), the same model, weights and batch for every variant.
+Variants are timed in interleaved rounds (one step of each per round), so a busy machine slows them
+alike; each round gives a paired ratio to the unconverted model. Reported: the median time, the
+median ratio and a 95% t-interval of the mean ratio.
+
+- training step: forward + backward under bf16 autocast; after each timed step an (untimed) SGD
+  step changes every weight, as in training, so nothing computed from the old weights can be reused;
+  variants: unconverted, the recipe's default (the last ~15% of blocks in BF16: with 2 blocks, the
+  last one), and **every block in NVFP4** (the headline);
+- inference: forward under ``torch.no_grad()`` (evaluation, ``generate()``), unconverted vs every block;
+- width trend: the every-block training-step ratio at each of ``--widths`` (intermediate = 2.75 x
+  hidden): the quantization is linear in the width, the GEMMs quadratic, so the ratio falls;
+- memory: bytes of the tensors autograd saves for backward (activation memory), and on CUDA the
+  peak allocated memory of one training step.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
+import statistics
 import sys
 import time
 
 import torch
 
-WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+       11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 19: 2.09, 29: 2.05}
+
+
+def t_interval(xs: list[float]) -> tuple[float, float]:
+    """95% t-interval of the mean of ``xs`` (n >= 2)."""
+    n = len(xs)
+    if n < 2:
+        return xs[0], xs[0]
+    mean, sd = statistics.fmean(xs), statistics.stdev(xs)
+    t = T95.get(n - 1) or T95[max(k for k in T95 if k <= n - 1)]
+    half = t * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def build(hidden: int, intermediate: int, seq: int, vocab: int, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_nvfp4
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+                      vocab_size=vocab, max_position_embeddings=seq)
+    base = LlamaForCausalLM(cfg).to(device)
+    every = hf_nvfp4.convert_model(copy.deepcopy(base), hf_nvfp4.NVFP4Config(bf16_last_blocks=0))
+    return base, every
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Trainer:
+    """One timed forward+backward, then an untimed SGD step (the weights change as in training)."""
+
+    def __init__(self, model, ids, device):
+        self.model, self.ids, self.device = model, ids, device
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+    def step(self) -> float:
+        _sync(self.device)
+        t = time.perf_counter()
+        with torch.autocast(self.device, dtype=torch.bfloat16):
+            loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        _sync(self.device)
+        dt = time.perf_counter() - t
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return dt
+
+
+class Inference:
+    def __init__(self, model, ids, device):
+        self.model, self.ids, self.device = model, ids, device
+
+    def step(self) -> float:
+        _sync(self.device)
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16):
+            self.model(input_ids=self.ids)
+        _sync(self.device)
+        return time.perf_counter() - t
+
+
+def interleaved(runners: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per step of each runner, one step of each per round."""
+    for r in runners.values():
+        for _ in range(warmup):
+            r.step()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for k, r in runners.items():
+            times[k].append(r.step())
+    return times
+
+
+def report(title: str, times: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    """Print median times and paired ratios to the first entry; returns {name: (median s, median ratio)}."""
+    names = list(times)
+    base = times[names[0]]
+    print(f"\n{title}")
+    print(f"{'variant':40s} {'median':>10s} {'ratio':>7s} {'95% CI of mean ratio':>22s} {'min-max ratio':>15s}")
+    out = {}
+    for k in names:
+        ratios = [a / b for a, b in zip(times[k], base, strict=True)]
+        lo, hi = t_interval(ratios)
+        med = statistics.median(times[k])
+        out[k] = (med, statistics.median(ratios))
+        print(f"{k:40s} {med * 1e3:8.1f}ms {out[k][1]:6.2f}x {f'[{lo:.2f}, {hi:.2f}]':>22s} "
+              f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>15s}")
+    return out
 
 
 def saved_bytes(model, ids, device) -> int:
+    """Bytes of the non-parameter tensors autograd saves for one backward (activation memory)."""
     total = 0
 
     def pack(t):
@@ -36,75 +143,80 @@ def saved_bytes(model, ids, device) -> int:
     return total
 
 
-def step_time(model, ids, device, repeats) -> tuple[float, float]:
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    for _ in range(2):
-        step()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-    return best, peak
+def peak_mib(model, ids, device) -> float:
+    if device != "cuda":
+        return float("nan")
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    Trainer(model, ids, device).step()
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--widths", default="512,1024,2048", help="hidden sizes of the width trend ('' to skip)")
+    ap.add_argument("--width-repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
-    if args.device == "cpu" and os.environ.get("_HF_NVFP4_BENCH") != "1":
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, _HF_NVFP4_BENCH="1", **WARM_ENV))
-
-    from transformers import LlamaConfig, LlamaForCausalLM
+    args = ap.parse_args(argv)
 
     import hf_nvfp4
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 64,
-        vocab_size=args.vocab,
-        max_position_embeddings=args.seq,
-    )
-    base = LlamaForCausalLM(cfg).to(args.device)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
-    variants = {
-        "unconverted (bf16 autocast)": base,
-        "NVFP4 recipe (default BF16 blocks)": hf_nvfp4.convert_model(copy.deepcopy(base), hf_nvfp4.NVFP4Config()),
-        "NVFP4 every block": hf_nvfp4.convert_model(copy.deepcopy(base), hf_nvfp4.NVFP4Config(bf16_last_blocks=0)),
-    }
-    print(
-        f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
-        f"hidden={args.hidden} intermediate={args.intermediate} seq={args.seq} batch={args.batch} vocab={args.vocab}"
-    )
-    rows = []
-    for name, model in variants.items():
-        t, peak = step_time(model, ids, args.device, args.repeats)
-        rows.append((name, t, saved_bytes(model, ids, args.device) / 2**20, peak))
-    t0, m0 = rows[0][1], rows[0][2]
-    print(f"{'variant':36s} {'step':>10s} {'vs base':>8s} {'saved acts':>11s} {'vs base':>8s} {'peak':>9s}")
-    for name, t, mem, peak in rows:
-        print(f"{name:36s} {t * 1e3:8.1f}ms {t / t0:7.2f}x {mem:9.1f}MiB {mem / m0:7.2f}x {peak:7.1f}MiB")
+    dev = args.device
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print("command: python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    print(f"device={dev} threads={torch.get_num_threads()} torch={torch.__version__} hidden={args.hidden} "
+          f"intermediate={args.intermediate} seq={args.seq} batch={args.batch} vocab={args.vocab} "
+          f"repeats={args.repeats} load average at start={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+    if dev == "cuda":
+        print(f"gpu={torch.cuda.get_device_name()}")
+    results: dict = {}
+
+    base, every = build(args.hidden, args.intermediate, args.seq, args.vocab, dev)
+    default = hf_nvfp4.convert_model(copy.deepcopy(base), hf_nvfp4.NVFP4Config())
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
+    models = {"unconverted (bf16 autocast)": base, "NVFP4 recipe (default BF16 blocks)": default,
+              "NVFP4 every block (headline)": every}
+    train = interleaved({k: Trainer(m, ids, dev) for k, m in models.items()}, args.repeats)
+    results["train"] = report("Training step (forward + backward)", train)
+    infer = interleaved({k: Inference(models[k], ids, dev) for k in (list(models)[0], list(models)[2])},
+                        args.repeats)
+    results["inference"] = report("Inference forward under torch.no_grad()", infer)
+
+    print(f"\n{'memory':40s} {'saved for backward':>20s} {'ratio':>7s} {'peak (CUDA)':>12s}")
+    mem0 = None
+    for k, m in models.items():
+        mem = saved_bytes(m, ids, dev) / 2**20
+        mem0 = mem0 or mem
+        print(f"{k:40s} {mem:17.1f}MiB {mem / mem0:6.2f}x {peak_mib(m, ids, dev):10.1f}MiB")
+    del base, every, default, models
+
+    widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    if widths:
+        results["width"] = {}
+        print(f"\nWidth trend: every block NVFP4 / unconverted, training step, {args.width_repeats} rounds each")
+        cols = ("unconverted", "every block")
+        print(f"{'hidden':>7s} {'intermediate':>13s} {cols[0]:>12s} {cols[1]:>12s} {'ratio':>7s} {'95% CI':>16s}")
+        for h in widths:
+            inter = int(round(2.75 * h / 16)) * 16
+            b, e = build(h, inter, args.seq, args.vocab, dev)
+            t = interleaved({"u": Trainer(b, ids, dev), "e": Trainer(e, ids, dev)}, args.width_repeats, warmup=1)
+            ratios = [a / c for a, c in zip(t["e"], t["u"], strict=True)]
+            lo, hi = t_interval(ratios)
+            med_r = statistics.median(ratios)
+            results["width"][h] = med_r
+            print(f"{h:7d} {inter:13d} {statistics.median(t['u']) * 1e3:10.1f}ms "
+                  f"{statistics.median(t['e']) * 1e3:10.1f}ms {med_r:6.2f}x {f'[{lo:.2f}, {hi:.2f}]':>16s}")
+            del b, e
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"\nload average at end={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+    return results
 
 
 if __name__ == "__main__":

@@ -59,11 +59,24 @@ def hadamard16(dtype=torch.float32) -> torch.Tensor:
     return torch.tensor(SIGNS[:, None] * h / 4.0, dtype=dtype)
 
 
+def rht16(x: torch.Tensor) -> torch.Tensor:
+    """The transform as docs/numerics.md defines it, in numpy: fp32 sums of +-x (exact products)
+    in four partial sums over every fourth input, added left to right, times 1/4, rounded once
+    to x's dtype."""
+    a = x.reshape(-1, 16).float().numpy()
+    s = np.sign(hadamard16().numpy()).astype(np.float32)  # [input k, output j]
+    acc = [a[:, k : k + 1] * s[k] for k in range(4)]
+    for k in range(4, 16):
+        acc[k % 4] = acc[k % 4] + a[:, k : k + 1] * s[k]
+    out = (((acc[0] + acc[1]) + acc[2]) + acc[3]) * F32(0.25)
+    return torch.from_numpy(out.astype(np.float32)).to(x.dtype).reshape(x.shape)
+
+
 def nvfp4(x: torch.Tensor, tile=(1, 16), rht=False, amax=None):
     """Returns (codes uint8 [M, K], scales as float32 E4M3 values [M, K/16], amax float32)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if rht:  # TE applies the transform with a matmul in the input's dtype
-        x2 = (x2.reshape(-1, 16) @ hadamard16(x.dtype)).reshape(x2.shape)
+    if rht:  # TE applies the transform before quantizing, rounded to the input's dtype
+        x2 = rht16(x2)
     a = x2.float().numpy()
     m, k = a.shape
     amax = F32(np.abs(a).max()) if amax is None else F32(amax)

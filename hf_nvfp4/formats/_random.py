@@ -27,11 +27,27 @@ def draw_seeds(generator: torch.Generator | None, device: torch.device) -> torch
     return seeds.to(device)
 
 
+def _mix32_i32(h: torch.Tensor) -> torch.Tensor:
+    """:func:`_mix32` on int32 lanes: the product wraps mod 2^32 (the same low 32 bits), and each
+    right shift is masked so it acts as a logical one. 32-bit multiplies vectorize where 64-bit
+    ones do not (AVX2 has no 64-bit multiply), which makes the stream ~5x cheaper on a CPU."""
+    h = ((h >> 16) & 0xFFFF) ^ h
+    h = h * _MUL
+    h = ((h >> 16) & 0xFFFF) ^ h
+    h = h * _MUL
+    return ((h >> 16) & 0xFFFF) ^ h
+
+
 def hashed_uniform(seeds: torch.Tensor, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
     """fp32 samples in [0, 1) with 24 random bits each, one per element of ``shape``."""
     n = 1
     for s in shape:
         n *= s
+    if n < 2**31:  # the same bits on 32-bit lanes (the index's high word is 0)
+        s32 = seeds.to(torch.int32)
+        idx = torch.arange(n, device=device, dtype=torch.int32).view(shape)
+        h = _mix32_i32(_mix32_i32(idx + s32[0]) ^ s32[1])
+        return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
     idx = torch.arange(n, device=device, dtype=torch.int64).view(shape)
     h = _mix32(((idx & _MASK32) + seeds[0]) & _MASK32)
     h = _mix32(h ^ seeds[1] ^ (idx >> 32))

@@ -1,10 +1,22 @@
-"""The signed (random) Hadamard transform applied to Wgrad operands."""
+"""The signed (random) Hadamard transform applied to Wgrad operands.
+
+Each output is a signed sum of ``size`` inputs: the products with ``+-1`` are exact, the sum is
+taken in fp32 in one fixed order (four partial sums over every fourth input, then added left to
+right, which is what torch's bf16 CPU matmul does), times ``1/sqrt(size)`` rounded to fp32, then
+rounded once to the input's dtype. A fixed order gives the same bits on every CPU and GPU, which
+a BLAS call does not promise; for bf16 and fp16 inputs of size 16 the bits equal the old matmul.
+Written with elementwise ops only, the transform fuses into one kernel that also reads a
+transposed operand in place (the Wgrad operands are ``x^T`` and ``dy^T``).
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+
+from ._compile import fused
 
 # One fixed sign vector for every layer and the whole run (TE's wgrad sign vector).
 RHT_SIGNS_16 = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
@@ -32,10 +44,42 @@ def hadamard_matrix(size: int = 16, dtype: torch.dtype = torch.float32, device=N
     return _matrix(size, dtype, torch.device(device) if device is not None else torch.device("cpu"))
 
 
-def hadamard_transform(x: torch.Tensor, size: int = 16) -> torch.Tensor:
-    """Apply the signed Hadamard transform blockwise along the last dim: ``x.view(-1, size) @ H``.
+def _fixed_order_sum(xf: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """sum_k xf[..., k] * signs[k, :] over the last dim, in the documented order (exact products)."""
+    size = xf.shape[-1]
+    lanes = min(4, size)
+    acc = [xf[..., k : k + 1] * signs[k] for k in range(lanes)]
+    for k in range(lanes, size):
+        acc[k % lanes] = acc[k % lanes] + xf[..., k : k + 1] * signs[k]
+    out = acc[0]
+    for a in acc[1:]:
+        out = out + a
+    return out
 
-    Computed in ``x``'s dtype, as TE's reference does (so bf16 inputs give bf16 outputs).
+
+@fused(dims=(0, 1))
+def _transform(xg: torch.Tensor, signs: torch.Tensor, scale: float) -> torch.Tensor:
+    """Groups [R, G, size] (any strides) -> transformed groups, contiguous, in xg's dtype."""
+    acc = xg.double() if xg.dtype == torch.float64 else xg.float()
+    return (_fixed_order_sum(acc, signs.to(acc.dtype)) * scale).to(xg.dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _sign_matrix(size: int, device: torch.device) -> torch.Tensor:
+    return torch.sign(_matrix(size, torch.float32, torch.device("cpu"))).to(device)
+
+
+def _scale(size: int) -> float:
+    """1/sqrt(size) rounded to fp32 (exact for 16 and 64), as a Python float."""
+    return float(torch.tensor(1.0 / math.sqrt(size), dtype=torch.float32))
+
+
+def hadamard_transform(x: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """Apply the signed Hadamard transform blockwise along the last dim (``x.view(-1, size) @ H``).
+
+    Computed in fp32 in a fixed order and rounded once to ``x``'s dtype (module docstring), so
+    bf16 inputs give bf16 outputs, the same bits on every device, inside autocast or not. ``x``
+    may be non-contiguous (a transposed operand is read in place); the result is contiguous.
 
     >>> import torch, hf_nvfp4
     >>> x = torch.randn(4, 32)
@@ -56,6 +100,6 @@ def hadamard_transform(x: torch.Tensor, size: int = 16) -> torch.Tensor:
             f"size={size}; pad it with zeros first (the transform is orthogonal, so zero padding "
             "on both GEMM operands leaves their product unchanged)"
         )
-    h = hadamard_matrix(size, x.dtype, x.device)
-    with torch.autocast(x.device.type, enabled=False):  # in x's dtype even inside a bf16 autocast region
-        return (x.reshape(-1, size) @ h).view(x.shape)
+    x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])  # a 2D (possibly transposed) view stays a view
+    groups = x2.unflatten(-1, (-1, size))
+    return _transform(groups, _sign_matrix(size, x.device), _scale(size)).view(x.shape)

@@ -161,9 +161,12 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
     amax = check_amax(amax, fn)
     if rht and tile != (1, 16):
         raise ValueError(f"{fn}: rht=True is for 1x16 operands (Wgrad); got tile={tile}")
-    x2 = pad_2d(as_2d(x.detach()), (tile[0], max(tile[1], rht_size if rht else 0)), fn)
-    if rht:
-        x2 = hadamard_transform(x2, rht_size)
+    if rht:  # the transform reads a transposed (Wgrad) operand in place and writes it contiguous
+        x2 = x.detach()
+        x2 = x2 if x2.ndim == 2 else x2.reshape(-1, x2.shape[-1])
+        x2 = hadamard_transform(pad_2d(x2, (tile[0], max(tile[1], rht_size)), fn), rht_size)
+    else:
+        x2 = pad_2d(as_2d(x.detach()), tile, fn)
     m, k = x2.shape
     if tile == (1, 16):
         xb, dims = x2.view(-1, 16), (1,)
@@ -304,14 +307,22 @@ def nvfp4_gemm_operand(
     return vals.reshape(m, k)[: as_2d(x).shape[0]], g
 
 
+def _code_value(c: torch.Tensor) -> torch.Tensor:
+    mag = (c & 7).to(torch.float32)
+    val = torch.where(mag <= 4.0, mag * 0.5, torch.where(mag == 7.0, 6.0, mag - 2.0))
+    return torch.where(c >= 8, -val, val)
+
+
 @fused(dims=(0,))
 def _unpack_scaled(data: torch.Tensor, scale_f32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Packed codes [R, nb, 8] and fp32 scales [R, nb, 1] -> e2m1 * scale [R, nb, 16]."""
-    codes = torch.stack([data & 0x0F, data >> 4], dim=-1).reshape(data.shape[0], data.shape[1], 16)
-    mag = (codes & 7).to(torch.float32)
-    val = torch.where(mag <= 4.0, mag * 0.5, torch.where(mag == 7.0, 6.0, mag - 2.0))
-    val = torch.where(codes >= 8, -val, val)
-    return (val * scale_f32).to(dtype)
+    """Packed codes [R, nb, 8] and fp32 scales [R, nb, 1] -> e2m1 * scale [R, nb, 8, 2].
+
+    Both nibbles are decoded as floats in int32 lanes and interleaved last (5x faster than
+    interleaving the uint8 codes first: the byte shuffle does not vectorize).
+    """
+    d = data.to(torch.int32)
+    vals = torch.stack([_code_value(d & 0x0F), _code_value(d >> 4)], dim=-1)
+    return (vals * scale_f32.unsqueeze(-1)).to(dtype)
 
 
 def nvfp4_operand_from_packed(q: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..formats.registry import PRECISIONS, get_format
+from ..ops.cache import OperandCache
 from ..ops.linear import GemmPlan, quantized_linear
 from ..ops.recipe import NVFP4Recipe, as_recipe, check_format
 
@@ -34,6 +35,9 @@ class NVFP4State:
         self._generators: dict[str, torch.Generator] = {}
         self._base = self._mix(0)
         self._layers: weakref.WeakSet = weakref.WeakSet()
+        # Layers fed the same input (q/k/v, gate/up) quantize it once; emptied after every forward
+        # of the model. None: every layer quantizes its own input.
+        self.operand_cache: OperandCache | None = OperandCache()
 
     # -- recipe ---------------------------------------------------------------------------------
     @property
@@ -60,6 +64,8 @@ class NVFP4State:
 
     def begin_forward(self, module=None, args=None) -> None:
         """Re-seed the SR stream for one training forward/backward (a forward pre-hook on the model)."""
+        if self.operand_cache is not None:
+            self.operand_cache.clear()
         if not torch.is_grad_enabled() or (module is not None and not module.training):
             return
         if not self.uses_stochastic():
@@ -77,10 +83,17 @@ class NVFP4State:
             self._generators[key] = g
         return g
 
+    def end_forward(self, module=None, args=None, output=None) -> None:
+        """Drop the shared operands of the last input (a forward hook on the model): only sibling
+        Linears inside one forward reuse them, and they are not needed during backward."""
+        if self.operand_cache is not None:
+            self.operand_cache.clear()
+
     def attach(self, module: nn.Module) -> None:
         """Re-seed at every forward of ``module`` (the model that was converted)."""
         detach_states(module)
         module.register_forward_pre_hook(self.begin_forward)
+        module.register_forward_hook(self.end_forward)
 
     # -- switch ---------------------------------------------------------------------------------
     def set_precision(self, precision: str, forward_precision: str | None) -> int:
@@ -113,12 +126,17 @@ RecipeState = NVFP4State  # older name
 
 
 def detach_states(module: nn.Module) -> None:
-    """Remove the re-seeding hooks of any NVFP4State from ``module`` (found by owner, so deep
-    copies of a model, whose hook handles would point at the original, are cleaned too)."""
+    """Remove the hooks of any NVFP4State from ``module`` (found by owner, so deep copies of a
+    model, whose hook handles would point at the original, are cleaned too)."""
     for k, v in list(module._forward_pre_hooks.items()):
         if isinstance(getattr(v, "__self__", None), NVFP4State):
             del module._forward_pre_hooks[k]
             module._forward_pre_hooks_with_kwargs.pop(k, None)
+    for k, v in list(module._forward_hooks.items()):
+        if isinstance(getattr(v, "__self__", None), NVFP4State):
+            del module._forward_hooks[k]
+            module._forward_hooks_with_kwargs.pop(k, None)
+            module._forward_hooks_always_called.pop(k, None)
 
 # Each layer built by hand gets its own state with its own SR stream (a distinct salt), until
 # convert_model adopts it into its model's one shared state.
@@ -188,7 +206,7 @@ class NVFP4Linear(nn.Linear):
     def plan(self, device: torch.device) -> GemmPlan:
         st = self.nvfp4_state
         return GemmPlan.from_recipe(st.recipe, st.forward_precision or st.precision, st.precision,
-                                    st.generator(device))
+                                    st.generator(device), st.operand_cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.nvfp4_state

@@ -20,13 +20,15 @@ import torch
 
 from ..formats.nvfp4 import NVFP4Tensor
 from ..formats.registry import get_format
+from .cache import OperandCache
 from .recipe import NVFP4Recipe, QuantizerSpec, role_table
 
 
 @dataclass(frozen=True, eq=False)
 class GemmPlan:
     """What one call of the quantized linear does: a quantizer spec for each of the six roles
-    (from the role table) and the generator that stochastic rounding draws from.
+    (from the role table), the generator that stochastic rounding draws from, and optionally an
+    :class:`OperandCache` through which Linears fed the same input (q/k/v, gate/up) quantize it once.
 
     >>> from hf_nvfp4.ops import GemmPlan
     >>> GemmPlan.from_recipe(NVFP4Recipe(), fprop="bf16").roles["fprop_input"].format
@@ -35,11 +37,12 @@ class GemmPlan:
 
     roles: dict[str, QuantizerSpec] = field(default_factory=lambda: role_table(NVFP4Recipe()))
     generator: torch.Generator | None = None
+    cache: OperandCache | None = None
 
     @classmethod
     def from_recipe(cls, recipe: NVFP4Recipe, fprop: str | None = None, backward: str | None = None,
-                    generator: torch.Generator | None = None) -> GemmPlan:
-        return cls(role_table(recipe, fprop, backward), generator)
+                    generator: torch.Generator | None = None, cache: OperandCache | None = None) -> GemmPlan:
+        return cls(role_table(recipe, fprop, backward), generator, cache)
 
     def high_precision(self) -> bool:
         return not any(get_format(s.format).quantizes for s in self.roles.values())
@@ -77,6 +80,39 @@ def _shares_weight(plan: GemmPlan) -> bool:
     return f == d and _square(f.tile)
 
 
+def _shared(plan: GemmPlan, source: torch.Tensor, role: str, dtype, make):
+    """``make()``, computed once for all Linears fed ``source`` when the plan carries a cache.
+
+    Stochastic operands are never shared: each must draw its own noise.
+    """
+    spec = plan.roles[role]
+    if plan.cache is None or spec.stochastic:
+        return make()
+    return plan.cache.get(source, (role, spec, dtype), make)
+
+
+def _fprop_input(x: torch.Tensor, x2: torch.Tensor, plan: GemmPlan, dtype):
+    return _shared(plan, x, "fprop_input", dtype, lambda: _operand(x2, plan.roles["fprop_input"], dtype))
+
+
+def _wgrad_input(x: torch.Tensor, x2: torch.Tensor, plan: GemmPlan, dtype):
+    """What Wgrad needs: x^T with blocks along the tokens, quantized (and transformed) now."""
+    spec = plan.roles["wgrad_input"]
+    return _shared(plan, x, "wgrad_input", dtype, lambda: get_format(spec.format).pack(x2.t(), spec, dtype))
+
+
+def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan):
+    """Fprop alone, outside autograd: no Wgrad copy of x, nothing packed for a backward."""
+    dtype = _compute_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    xv, gx = _fprop_input(x, x2, plan, dtype)
+    wv, gw = _operand(weight.detach(), plan.roles["fprop_weight"], dtype)
+    y = _mm(xv, wv.t(), gx, gw, dtype)
+    if bias is not None:
+        y = y + bias.detach().to(dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, plan: GemmPlan):
@@ -85,7 +121,7 @@ class _QuantizedLinear(torch.autograd.Function):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         shared = _shares_weight(plan)
-        xv, gx = _operand(x2, roles["fprop_input"], dtype)
+        xv, gx = _fprop_input(x, x2, plan, dtype)
         wspec = roles["fprop_weight"]
         qw = None
         if shared:  # quantized once per step, for Fprop and Dgrad
@@ -97,9 +133,7 @@ class _QuantizedLinear(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(dtype)
 
-        # What Wgrad needs: x^T with blocks along the tokens, quantized (and transformed) now.
-        xspec = roles["wgrad_input"]
-        xt = get_format(xspec.format).pack(x2.t(), xspec, dtype) if ctx.needs_input_grad[1] else None
+        xt = _wgrad_input(x, x2, plan, dtype) if ctx.needs_input_grad[1] else None
         ctx.plan, ctx.dtype, ctx.shared = plan, dtype, shared
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         ctx.xt_packed = isinstance(xt, NVFP4Tensor)
@@ -164,4 +198,6 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if plan.high_precision():
         dtype = _compute_dtype(x)
         return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _forward_only(x, weight, bias, plan)  # evaluation, generate(): no autograd graph to build
     return _QuantizedLinear.apply(x, weight, bias, plan)
