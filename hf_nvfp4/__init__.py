@@ -4,6 +4,7 @@ from .formats._compile import set_compile_mode
 from .formats.hadamard import hadamard_transform
 from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
 from .formats.registry import FORMATS, get_format
+from .integrations.accelerate import NVFP4Plugin
 from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
 from .integrations.config import NVFP4Config
 from .integrations.lm_eval import LMEvalCallback, evaluate_lm
@@ -24,6 +25,7 @@ __all__ = [
     "QuantHealthCallback",
     "NVFP4Config",
     "NVFP4Linear",
+    "NVFP4Plugin",
     "NVFP4Recipe",
     "NVFP4State",
     "set_recipe",
