@@ -228,6 +228,21 @@ def test_disable_2d_exports_1x16_blocks(tmp_path):
     assert not _same_bits(sd[f"{n}.weight_scale"], quantize_nvfp4(_layers(model)[n].weight, tile=(16, 16)).scale)
 
 
+def test_tied_embeddings_are_stored_once(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      vocab_size=256, tie_word_embeddings=True)
+    model = hf_nvfp4.from_config(cfg, NVFP4Config(bf16_last_blocks=0))
+    report = export_nvfp4(model, tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in sd and "lm_head" in report.high_precision
+    served = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert served.lm_head.weight.data_ptr() == served.model.embed_tokens.weight.data_ptr()
+    assert _same_bits(served.lm_head.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     """A checkpoint as an hf-nvfp4 run leaves it: save_pretrained with quant_method hf_nvfp4, plus the tokenizer."""
@@ -313,6 +328,8 @@ def test_bad_input_gets_clear_errors(trained, tmp_path):
         export_nvfp4(trained, tmp_path / "a", scheme="NVFP4")
     with pytest.raises(ValueError, match="used by scheme='NVFP4'"):
         export_nvfp4(trained, tmp_path / "a", calibration=ids)
+    with pytest.raises(TypeError, match="must be a transformers model"):
+        export_nvfp4(hf_nvfp4.convert_model(nn.Sequential(nn.Linear(32, 32))), tmp_path / "a")
     with pytest.raises(ValueError, match="no NVFP4Linear"):
         export_nvfp4(tiny("llama", layers=2), tmp_path / "a")
     with pytest.raises(ValueError, match="is not a model directory"):

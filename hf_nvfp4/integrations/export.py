@@ -188,6 +188,11 @@ def _recipe(mod: NVFP4Linear):
 
 
 def _quantized_names(model: nn.Module) -> list[str]:
+    if not callable(getattr(getattr(model, "config", None), "to_dict", None)):
+        raise TypeError(
+            f"export_nvfp4: writes Hugging Face checkpoints, so model must be a transformers model (with a .config); "
+            f"got {type(model).__name__}"
+        )
     names = [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)]
     if not names:
         raise ValueError(
