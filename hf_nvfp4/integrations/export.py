@@ -23,6 +23,7 @@ from ..formats.e2m1 import unpack_nibbles
 from ..formats.nvfp4 import quantize_nvfp4
 from ..nn.convert import plan_conversion
 from ..nn.linear import NVFP4Linear
+from ..ops.recipe import quantizer_for
 from .serving_formats import FORMATS, SCHEMES, layer_tensors, quant_config, write_safetensors
 
 # Siblings a serving engine runs as one GEMM (vLLM's packed_modules_mapping: qkv_proj and
@@ -183,8 +184,7 @@ def _load(model_or_dir):
 
 
 def _recipe(mod: NVFP4Linear):
-    state = mod.nvfp4_state
-    return getattr(state, "recipe", None) or state.config
+    return mod.nvfp4_state.recipe
 
 
 def _quantized_names(model: nn.Module) -> list[str]:
@@ -290,8 +290,9 @@ def _rel(d: torch.Tensor, ref: torch.Tensor) -> float:
 def _quantize_layers(model, names, groups, report) -> dict:
     """{name: NVFP4Tensor} as exported; fills report.fused with how far joint amax moved each sibling."""
     modules = dict(model.named_modules())
-    tiles = {n: (1, 16) if _recipe(modules[n]).disable_2d_quantization else (16, 16) for n in names}
-    out = {n: quantize_nvfp4(modules[n].weight, tile=tiles[n]) for n in names}  # the training-time Fprop operand
+    # the training-time Fprop weight operand, as the role table defines it: 16x16 tiles, or 1x16 without 2D scaling
+    tiles = {n: quantizer_for(_recipe(modules[n]), "fprop_weight", "nvfp4").tile for n in names}
+    out = {n: quantize_nvfp4(modules[n].weight, tile=tiles[n]) for n in names}
     for group in groups:
         joint = torch.stack([out[m].amax for m in group]).max()
         for m in group:

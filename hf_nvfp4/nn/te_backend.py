@@ -14,13 +14,11 @@ import logging
 
 import torch
 
-from ..config import NVFP4Config
-
 logger = logging.getLogger("hf_nvfp4")
 MIN_TE = (2, 8)
 
 
-def te_recipe_kwargs(config: NVFP4Config) -> dict:
+def te_recipe_kwargs(config) -> dict:
     """Our config -> ``NVFP4BlockScaling(**kwargs)``: the flags have TE's names and meanings."""
     return {
         "disable_rht": config.disable_rht,
@@ -29,7 +27,7 @@ def te_recipe_kwargs(config: NVFP4Config) -> dict:
     }
 
 
-def te_unsupported_reason(config: NVFP4Config) -> str | None:
+def te_unsupported_reason(config) -> str | None:
     """Why TE cannot run this config exactly, or None."""
     if config.format != "nvfp4":
         return f"format={config.format!r} runs on the emulated backend (TE is used for nvfp4 only)"
@@ -77,7 +75,7 @@ def te_status() -> tuple[bool, str]:
     return False, f"NVFP4 training needs compute capability 10.x, this GPU is {major}.{minor}"
 
 
-def select_backend(config: NVFP4Config, model=None) -> tuple[str, str]:
+def select_backend(config, model=None) -> tuple[str, str]:
     """("te" | "emulated", why) for ``config.backend``; "te" raises if TE cannot run."""
     if config.backend == "emulated":
         return "emulated", "asked for"
@@ -110,7 +108,7 @@ def attach_te(layer) -> None:
     if layer.bias is not None:
         mod.bias = layer.bias
     object.__setattr__(layer, "_te_module", mod)  # outside the module tree
-    object.__setattr__(layer, "_te_recipe", recipe_mod.NVFP4BlockScaling(**te_recipe_kwargs(layer.nvfp4_state.config)))
+    object.__setattr__(layer, "_te_recipe", recipe_mod.NVFP4BlockScaling(**te_recipe_kwargs(layer.nvfp4_state.recipe)))
 
 
 def te_forward(layer, x: torch.Tensor) -> torch.Tensor:
