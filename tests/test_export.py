@@ -14,7 +14,6 @@ import hf_nvfp4
 from hf_nvfp4 import NVFP4Config, NVFP4Linear, export_nvfp4, quantize_nvfp4
 from hf_nvfp4.cli import main
 from hf_nvfp4.integrations.export import fused_groups
-from hf_nvfp4.integrations.transformers import attach_quantizer
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 CONFIG = NVFP4Config(bf16_last_blocks=1, modules_to_not_convert=["model.layers.0.mlp.down_proj"])
@@ -243,14 +242,13 @@ def test_tied_embeddings_are_stored_once(tmp_path):
     assert _same_bits(served.lm_head.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    """A checkpoint as an hf-nvfp4 run leaves it: save_pretrained with quant_method hf_nvfp4, plus the tokenizer."""
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A checkpoint as an hf-nvfp4 run leaves it: save_pretrained (quant_method hf_nvfp4), plus the tokenizer."""
     from transformers import ByT5Tokenizer
 
     model = _train(hf_nvfp4.convert_model(tiny("llama", layers=3), NVFP4Config(bf16_last_blocks=1)))
-    attach_quantizer(model, model.nvfp4_state.config)
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("export") / "run"
     model.save_pretrained(run)
     ByT5Tokenizer().save_pretrained(run)
     assert json.loads((run / "config.json").read_text())["quantization_config"]["quant_method"] == "hf_nvfp4"
