@@ -32,6 +32,38 @@ def _offline_unless_needed(recipe: Recipe) -> None:
         pass
 
 
+def callbacks_from_recipe(recipe: Recipe) -> list:
+    """The callbacks a recipe asks for."""
+    from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
+
+    cbs: list = []
+    ps = recipe.precision_switch
+    if ps.at is not None:
+        cbs.append(PrecisionSwitchCallback(ps.at, to=ps.to, scope=ps.scope))
+    sh = recipe.fp8_shadow
+    if sh.enabled:
+        from .integrations.shadow import FP8ShadowCallback
+
+        cbs.append(FP8ShadowCallback(sh.mode, format=sh.format, reference=sh.reference))
+    if recipe.logging.health_every_n_steps and recipe.nvfp4 is not None:
+        cbs.append(QuantHealthCallback(recipe.logging.health_every_n_steps))
+    ev = recipe.evaluation
+    if ev.tasks:
+        from .integrations.lm_eval import LMEvalCallback
+
+        cbs.append(
+            LMEvalCallback(
+                ev.tasks,
+                ev.every_n_steps or None,
+                on_evaluate=not ev.every_n_steps,
+                include_path=ev.include_path,
+                limit=ev.limit,
+                batch_size=ev.batch_size,
+            )
+        )
+    return cbs
+
+
 def build_model(recipe: Recipe, vocab_size: int):
     """from_pretrained with NVFP4Config, or a fresh model from the recipe's architecture config."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -119,8 +151,6 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
         train_ds, eval_ds = build_datasets(recipe, tokenizer)
     vocab = int(math.ceil(len(tokenizer) / 16) * 16)
     model = build_model(recipe, vocab)
-    from .integrations.callbacks import callbacks_from_recipe
-
     callbacks = callbacks_from_recipe(recipe) + list(extra_callbacks or [])
     trainer = Trainer(
         model=model,
@@ -130,6 +160,9 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
         data_collator=default_data_collator,
         callbacks=callbacks,
     )
+    for cb in callbacks:  # bound explicitly: callbacks never search for their Trainer
+        if hasattr(cb, "bind"):
+            cb.bind(trainer)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
         logger.warning(
             "hf_nvfp4: the accelerate config asks for FSDP, but accelerate enables FSDP only for GPU "

@@ -25,6 +25,7 @@ import hf_nvfp4
 from hf_nvfp4 import NVFP4Config, NVFP4Linear
 from hf_nvfp4.nn import te_backend
 from hf_nvfp4.nn.te_backend import select_backend, te_status
+from hf_nvfp4.ops.recipe import NVFP4Recipe, as_recipe
 
 STANDIN = Path(__file__).parent / "te_standin"
 EXACT = dict(rtol=0, atol=0)
@@ -87,7 +88,7 @@ def _pair(cfg: NVFP4Config, model: nn.Module | None = None):
     model = model if model is not None else nn.Sequential(nn.Linear(64, 32))
     ref = copy.deepcopy(model)
     hf_nvfp4.convert_model(model, cfg)
-    hf_nvfp4.convert_model(ref, NVFP4Config(**{**cfg.to_dict(), "backend": "emulated"}))
+    hf_nvfp4.convert_model(ref, as_recipe(cfg).replace(backend="emulated"))
     return model, ref
 
 
@@ -300,7 +301,7 @@ def test_nvte_variables_do_not_change_the_recipe(standin, monkeypatch):
     assert (r.disable_rht, r.disable_2d_quantization, r.disable_stochastic_rounding) == (False, False, True)
 
     standin.set((9, 0))
-    model, ref = _pair(NVFP4Config(**NO_SR, format="fp8_tensor"))
+    model, ref = _pair(NVFP4Recipe.for_format("fp8_tensor", backend="te", bf16_last_blocks=0))
     _assert_same(_run(model, x), _run(ref, x))
     r = model[0]._te_recipes["fp8_tensor", None][0]
     assert not r.fp8_quant_fwd_inp.power_2_scale and r.backward_override is None
@@ -341,7 +342,7 @@ def test_late_switch_without_hybrid_quantizer_says_the_cost(standin, monkeypatch
 )
 def test_comparison_formats_use_te_recipes(standin, fmt, cap, recipe):
     standin.set(cap)
-    cfg = NVFP4Config(backend="auto", format=fmt, bf16_last_blocks=0)
+    cfg = NVFP4Recipe.for_format(fmt, backend="auto", bf16_last_blocks=0)
     assert select_backend(cfg)[0] == ("te" if recipe else "emulated")
     model, ref = _pair(cfg)
     x = torch.randn(2, 5, 64)  # 10 tokens: padded to TE's multiple
@@ -350,7 +351,7 @@ def test_comparison_formats_use_te_recipes(standin, fmt, cap, recipe):
 
 
 def test_set_precision_all_switches_te_recipe(standin):
-    model, ref = _pair(NVFP4Config(**NO_SR))
+    model, ref = _pair(NVFP4Config(**NO_SR, disable_rht=True))  # fp8_block has no RHT
     for m in (model, ref):
         hf_nvfp4.set_precision(m, "fp8_block")
     x = torch.randn(16, 64)

@@ -18,8 +18,8 @@ Blackwell GPU. Its contract is tested against a TE stand-in (tests/te_standin), 
   an RHT recipe with a non-bf16 compute dtype, a CPU input, or a precision TE has no recipe
   for runs emulated.
 - Stochastic rounding: TE draws it from the default CUDA generator, so ``NVFP4Config.seed``
-  and the plugin's SR-state checkpointing do not apply; ``torch.cuda.manual_seed`` (and the
-  Trainer's RNG checkpoint) do.
+  does not apply; ``torch.cuda.manual_seed`` and the CUDA RNG state (the Trainer's RNG
+  checkpoint) do.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ _CHECKS = {  # precision -> TE's support check (quantization.py; fp8.py on TE 2.
     "mxfp8": "check_mxfp8_support",
 }
 SR_CAVEAT = (
-    "hf_nvfp4: under Transformer Engine, stochastic rounding draws from the default CUDA generator "
-    "(seed it with torch.cuda.manual_seed / transformers.set_seed); NVFP4Config.seed and the plugin's "
-    "SR-state checkpoint do not apply"
+    "hf_nvfp4: under Transformer Engine, stochastic rounding draws from the default CUDA generator: "
+    "NVFP4Config.seed does not apply; torch.cuda.manual_seed / transformers.set_seed and the CUDA RNG "
+    "state (which the Trainer checkpoints) do"
 )
 _SAID: set[str] = set()
 _STATUS: dict[tuple, tuple[bool, str]] = {}

@@ -13,13 +13,16 @@ forward; ``CONSTRUCTED`` records the ``device`` each Linear was built with.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import transformer_engine
 from hf_nvfp4.formats.fp8 import default_pow2_scales
-from hf_nvfp4.ops.linear import GemmRecipe, quantized_linear
+from hf_nvfp4.ops.linear import GemmPlan, quantized_linear
+from hf_nvfp4.ops.recipe import ROLES, QuantizerSpec
 
 from ...common.recipe import (
     CustomRecipe,
@@ -149,8 +152,10 @@ class Linear(nn.Module):
         CALLS.append((type(recipe).__name__, tuple(inp.shape)))
         return quantized_linear(inp, weight, bias, gemm)
 
-    # -- what the recipe asks for, as the emulation's GemmRecipe --------------------------------
-    def _gemm_recipe(self, recipe, shape, dtype) -> GemmRecipe:
+    # -- what the recipe asks for, as the emulation's per-role quantizer specs ---------------------
+    # Roles: fprop uses the rowwise input/weight, dgrad the rowwise grad and columnwise weight,
+    # wgrad the columnwise grad and input. TE's NVFP4 applies RHT to columnwise data only.
+    def _gemm_recipe(self, recipe, shape, dtype) -> GemmPlan:
         wshape = (self.out_features, self.in_features)
         if isinstance(recipe, NVFP4BlockScaling):
             if recipe.row_scaled_activation or recipe.nvfp4_4over6 != "none":
@@ -160,44 +165,44 @@ class Linear(nn.Module):
             qi, qw, qg = recipe.fp4_quant_fwd_inp, recipe.fp4_quant_fwd_weight, recipe.fp4_quant_bwd_grad
             NVFP4Quantizer(with_rht=qi.random_hadamard_transform).check_input(shape, dtype)
             NVFP4Quantizer(with_2d_quantization=qw.fp4_2d_quantization).check_input(wshape, dtype)
-            backward = "bf16" if recipe.backward_override == "high_precision" else "nvfp4"
-            return GemmRecipe(
-                "nvfp4",
-                backward,
-                rht=qi.random_hadamard_transform,
-                stochastic=qg.stochastic_rounding,
-                two_d=qw.fp4_2d_quantization,
-            )
+            w = _spec("nvfp4", (16, 16) if qw.fp4_2d_quantization else (1, 16))
+            roles = {
+                "fprop_input": _spec("nvfp4", (1, 16)),
+                "fprop_weight": w,
+                "dgrad_grad_output": _spec("nvfp4", (1, 16), stochastic=qg.stochastic_rounding),
+                "dgrad_weight": w,
+                "wgrad_grad_output": _spec(
+                    "nvfp4", (1, 16), rht=qg.random_hadamard_transform, stochastic=qg.stochastic_rounding
+                ),
+                "wgrad_input": _spec("nvfp4", (1, 16), rht=qi.random_hadamard_transform),
+            }
+            if recipe.backward_override == "high_precision":  # backward GEMMs on the original operands
+                roles.update({r: HIGH for r in roles if not r.startswith("fprop")})
+            return GemmPlan(roles)
         if isinstance(recipe, (Float8CurrentScaling, Float8BlockScaling, MXFP8BlockScaling)):
             if recipe.fp8_format != Format.E4M3 or recipe.backward_override is not None:
                 raise NotImplementedError("TE stand-in: only E4M3 FP8 without backward_override is modelled")
             if isinstance(recipe, MXFP8BlockScaling):
                 for s in (shape, wshape):
-                    rows = 1
-                    for d in s[:-1]:
-                        rows *= d
-                    if rows % 32 or s[-1] % 32:
+                    if math.prod(s[:-1]) % 32 or s[-1] % 32:
                         raise RuntimeError(f"MXFP8 requires tensor dims that are divisible by 32 (got shape={list(s)})")
                 if recipe.enable_2d_quantization:
                     raise NotImplementedError("TE stand-in: 2D MXFP8 is not modelled")
-                return GemmRecipe("mxfp8", "mxfp8", rht=False, stochastic=False, two_d=False)
-            pow2 = {
-                q.power_2_scale
-                for q in (recipe.fp8_quant_fwd_inp, recipe.fp8_quant_fwd_weight, recipe.fp8_quant_bwd_grad)
-            }
+                return _uniform("mxfp8", (1, 32), (1, 32))
+            qs = (recipe.fp8_quant_fwd_inp, recipe.fp8_quant_fwd_weight, recipe.fp8_quant_bwd_grad)
+            pow2 = {q.power_2_scale for q in qs}
             if isinstance(recipe, Float8CurrentScaling):
                 if pow2 != {False}:
                     raise NotImplementedError("TE stand-in: power-of-two current scaling is not modelled")
-                return GemmRecipe("fp8_tensor", "fp8_tensor", rht=False, stochastic=False, two_d=False)
+                return _uniform("fp8_tensor", None, None)
             if pow2 != {default_pow2_scales()} or recipe.x_block_scaling_dim != 1 or recipe.grad_block_scaling_dim != 1:
                 raise NotImplementedError("TE stand-in: this Float8BlockScaling variant is not modelled")
-            two_d = recipe.w_block_scaling_dim == 2
-            return GemmRecipe("fp8_block", "fp8_block", rht=False, stochastic=False, two_d=two_d)
+            return _uniform("fp8_block", (1, 128), (128, 128) if recipe.w_block_scaling_dim == 2 else (1, 128))
         if isinstance(recipe, CustomRecipe):
             return self._custom(recipe, shape, wshape, dtype)
         raise NotImplementedError(f"TE stand-in: recipe {type(recipe).__name__} is not modelled")
 
-    def _custom(self, recipe, shape, wshape, dtype) -> GemmRecipe:
+    def _custom(self, recipe, shape, wshape, dtype) -> GemmPlan:
         # Linear.get_quantizer_roles: fwd [input, weight, output(None)], bwd [grad_output, grad_input(None)]
         name = self.name or ""
         q = {
@@ -217,11 +222,29 @@ class Linear(nn.Module):
         if not late:
             raise NotImplementedError("TE stand-in: only the BF16-Fprop / NVFP4-backward CustomRecipe is modelled")
         ci, cw = qi.columnwise_quantizer, qw.columnwise_quantizer
-        if ci.with_rht != qg.with_rht or ci.stochastic_rounding or cw.with_rht or cw.stochastic_rounding:
+        if ci.stochastic_rounding or cw.with_rht or cw.stochastic_rounding or qi.columnwise_source != "original":
             raise NotImplementedError("TE stand-in: this NVFP4 quantizer mix is not modelled")
         ci.check_input(shape, dtype)
         cw.check_input(wshape, dtype)
         qg.check_input((*shape[:-1], wshape[0]), dtype)
-        return GemmRecipe(
-            "bf16", "nvfp4", rht=ci.with_rht, stochastic=qg.stochastic_rounding, two_d=cw.with_2d_quantization
+        return GemmPlan(
+            {
+                "fprop_input": HIGH,
+                "fprop_weight": HIGH,
+                "dgrad_grad_output": _spec("nvfp4", (1, 16), stochastic=qg.stochastic_rounding),
+                "dgrad_weight": _spec("nvfp4", (16, 16) if cw.with_2d_quantization else (1, 16)),
+                "wgrad_grad_output": _spec("nvfp4", (1, 16), rht=qg.with_rht, stochastic=qg.stochastic_rounding),
+                "wgrad_input": _spec("nvfp4", (1, 16), rht=ci.with_rht),
+            }
         )
+
+
+def _spec(fmt: str, tile, rht: bool = False, stochastic: bool = False) -> QuantizerSpec:
+    return QuantizerSpec(fmt, tile, rht, 16, stochastic)
+
+
+HIGH = _spec("bf16", None)
+
+
+def _uniform(fmt: str, act_tile, weight_tile) -> GemmPlan:
+    return GemmPlan({r: _spec(fmt, weight_tile if r.endswith("weight") else act_tile) for r in ROLES})
