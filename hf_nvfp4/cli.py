@@ -79,9 +79,18 @@ def _ablate(args) -> int:
 def _export(args) -> int:
     from .integrations.export import export_to_directory
 
+    calibration, text = args.calibration, None
+    if calibration is not None:
+        text = Path(calibration).is_file() and Path(calibration).suffix not in (".yaml", ".yml")
+    if calibration is not None and not text:
+        from .data import calibration_batches
+        from .recipe import load_recipe
+
+        recipe = load_recipe(calibration)  # a recipe name or YAML: checked now, its data built only when needed
+        calibration = lambda: calibration_batches(recipe)
     try:
         report = export_to_directory(
-            args.model_dir, args.out_dir, args.format, args.scheme, args.calibration, None, overwrite=args.overwrite
+            args.model_dir, args.out_dir, args.format, args.scheme, calibration, None, overwrite=args.overwrite
         )
     except NotImplementedError as exc:
         print(f"hf-nvfp4: not supported yet: {exc}", file=sys.stderr)

@@ -294,26 +294,38 @@ def test_cli_w4a4_with_text_calibration_in_a_fresh_process(run_dir, tmp_path):
     assert float(sd["model.layers.0.self_attn.q_proj.input_scale"]) > 0
 
 
-def test_recipe_calibration_and_its_checks(tmp_path):
+def test_recipe_calibration_python_and_cli(tmp_path, capsys):
     from transformers import LlamaConfig
 
-    from hf_nvfp4.integrations.calibration import calibration_batches
-    from hf_nvfp4.recipe import load_recipe
+    from hf_nvfp4.data import calibration_batches
+    from hf_nvfp4.integrations.calibration import calibration_batches as check_batches
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      vocab_size=384)
+                      vocab_size=384)  # the byte tokenizer's 384 ids
     model = hf_nvfp4.from_config(cfg, NVFP4Config(bf16_last_blocks=0))
-    recipe = load_recipe("tiny-cpu", ["data.max_files=2", "data.seq_len=32", "training.batch_size=2"])
-    batches = calibration_batches(recipe, model)
+    model.save_pretrained(tmp_path / "run")
+    recipe = tmp_path / "calib.yaml"
+    recipe.write_text("model: {config: {model_type: llama}}\ndata: {max_files: 2, seq_len: 32}\n"
+                      "training: {batch_size: 2}\n")
+    batches = calibration_batches(str(recipe))
     assert 1 <= len(batches) <= 8 and batches[0]["input_ids"].shape == (2, 32)
-    report = export_nvfp4(model, tmp_path / "r", scheme="NVFP4", calibration=recipe)
+    report = export_nvfp4(model, tmp_path / "py", scheme="NVFP4", calibration=batches)
     assert report.calibration_batches == len(batches) and min(report.input_amax.values()) > 0
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "cli"), "--scheme", "NVFP4",
+                 "--calibration", str(recipe)]) == 0
+    cli = json.loads((tmp_path / "cli" / "nvfp4_export.json").read_text())
+    assert cli["input_amax"] == report.input_amax  # the CLI read the same recipe data
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "x"), "--scheme", "NVFP4",
+                 "--calibration", "no-such-recipe"]) == 2
+    assert "no recipe file 'no-such-recipe'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
-        calibration_batches([torch.tensor([[1, 2, 400]])], model)
+        check_batches([torch.tensor([[1, 2, 400]])], model)
+    with pytest.raises(ValueError, match="not a text file"):
+        check_batches("tiny-cpu", model)
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        calibration_batches(str(tmp_path / "r" / "config.json"), model)
+        check_batches(str(tmp_path / "run" / "config.json"), model)
     with pytest.raises(TypeError, match="calibration must be"):
-        calibration_batches(3.5, model)
+        check_batches(3.5, model)
 
 
 def test_bad_input_gets_clear_errors(trained, tmp_path):

@@ -19,40 +19,44 @@ CALIBRATION_BATCHES = 8  # "a few batches": enough for a max, cheap next to trai
 TEXT_SEQ_LEN = 512
 NEEDS_CALIBRATION = (
     "export_nvfp4: scheme 'NVFP4' (W4A4) quantizes activations with a tensor scale fixed at export time, so it "
-    "needs calibration data: pass calibration= a recipe name (e.g. 'tiny-cpu'), a recipe YAML, a .txt file, or "
-    "token-id tensors (CLI: --calibration RECIPE_OR_DATA); or export weights only with scheme='NVFP4A16'"
+    "needs calibration data: pass calibration= token-id tensors or batches (a recipe's: "
+    "hf_nvfp4.data.calibration_batches('tiny-cpu')) or a text file (CLI: --calibration RECIPE_OR_TEXT_FILE); "
+    "or export weights only with scheme='NVFP4A16'"
 )
 
 
 def calibration_batches(calibration, model: nn.Module, tokenizer=None, max_batches: int = CALIBRATION_BATCHES):
     """Turn what the user gave into a list of ``{"input_ids": LongTensor[B, T], ...}`` batches.
 
-    calibration: a recipe (:class:`hf_nvfp4.recipe.Recipe`, a shipped recipe's name or a YAML
-    path: its data section, through :mod:`hf_nvfp4.data`), a text file (``.txt``, tokenized
-    with ``tokenizer``), a LongTensor of token ids ([B, T] or [T]), or a list of such tensors
-    or of dicts holding ``input_ids`` (and optionally ``attention_mask``).
+    calibration: a text file (tokenized with ``tokenizer`` into sequences of up to 512 tokens),
+    a LongTensor of token ids ([B, T] or [T]), or batches: tensors or dicts holding
+    ``input_ids`` (and optionally ``attention_mask``), e.g. ``hf_nvfp4.data.calibration_batches``
+    of a recipe (which the CLI's ``--calibration RECIPE`` uses); or a function returning any of
+    these. At most ``max_batches`` are used.
     """
-    from ..recipe import Recipe
-
     if calibration is None:
         raise ValueError(NEEDS_CALIBRATION)
-    if isinstance(calibration, Recipe):
-        batches = _recipe_batches(calibration, max_batches)
-    elif isinstance(calibration, (str, os.PathLike)):
+    if callable(calibration):  # built on demand, once every cheaper check has passed (the CLI's recipes)
+        calibration = calibration()
+    if isinstance(calibration, (str, os.PathLike)):
         p = Path(calibration).expanduser()
-        if p.is_file() and p.suffix not in (".yaml", ".yml"):
-            batches = _text_batches(p, tokenizer, model, max_batches)
-        else:
-            from ..recipe import load_recipe
-
-            batches = _recipe_batches(load_recipe(calibration), max_batches)
+        if not p.is_file() or p.suffix in (".yaml", ".yml"):
+            raise ValueError(
+                f"export_nvfp4: calibration {str(calibration)!r} is not a text file; for a recipe's data pass "
+                "hf_nvfp4.data.calibration_batches(RECIPE) (the CLI's --calibration takes recipe names too)"
+            )
+        batches = _text_batches(p, tokenizer, model, max_batches)
     elif isinstance(calibration, torch.Tensor):
         batches = [{"input_ids": calibration}]
     elif isinstance(calibration, Iterable) and not isinstance(calibration, (bytes, dict)):
-        batches = [b if isinstance(b, dict) else {"input_ids": b} for b in calibration]
+        batches = []
+        for b in calibration:  # a DataLoader or a dataset works too: only the first few are read
+            batches.append(b if isinstance(b, dict) else {"input_ids": b})
+            if len(batches) >= max_batches:
+                break
     else:
         raise TypeError(
-            f"export_nvfp4: calibration must be a recipe, a path, a tensor of token ids or a list of batches; "
+            "export_nvfp4: calibration must be a text file, a tensor of token ids or a list of batches; "
             f"got {type(calibration).__name__}"
         )
     batches = [_check_batch(b, i, model) for i, b in enumerate(batches[:max_batches])]
@@ -63,6 +67,8 @@ def calibration_batches(calibration, model: nn.Module, tokenizer=None, max_batch
 
 def _check_batch(batch: dict, i: int, model: nn.Module) -> dict:
     ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    if isinstance(ids, (list, tuple)):  # rows of a datasets.Dataset
+        ids = torch.as_tensor(ids)
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.numel() == 0:
         raise ValueError(f"export_nvfp4: calibration batch {i} needs input_ids as a non-empty integer tensor")
     ids = ids.long().reshape(1, -1) if ids.ndim == 1 else ids.long()
@@ -76,21 +82,6 @@ def _check_batch(batch: dict, i: int, model: nn.Module) -> dict:
     if isinstance(batch.get("attention_mask"), torch.Tensor):
         out["attention_mask"] = batch["attention_mask"].reshape(ids.shape)
     return out
-
-
-def _recipe_batches(recipe, max_batches: int) -> list[dict]:
-    from ..data import build_datasets, build_tokenizer
-
-    tokenizer = build_tokenizer(recipe)
-    train, held_out = build_datasets(recipe, tokenizer)
-    ds = held_out if held_out is not None and len(held_out) > 0 else train
-    bs = recipe.training.batch_size
-    rows = []
-    for row in ds:  # works for streaming datasets too
-        rows.append(row["input_ids"])
-        if len(rows) >= bs * max_batches:
-            break
-    return [{"input_ids": torch.tensor(rows[i : i + bs])} for i in range(0, len(rows), bs)]
 
 
 def _text_batches(path: Path, tokenizer, model: nn.Module, max_batches: int) -> list[dict]:

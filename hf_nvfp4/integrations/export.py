@@ -89,8 +89,9 @@ def export_nvfp4(
         compressed-tensors installed) or ``"modelopt"`` (NVIDIA ModelOpt's layout).
     scheme: ``"NVFP4A16"`` (NVFP4 weights, high-precision activations) or ``"NVFP4"`` (W4A4:
         activations too, with tensor scales calibrated on ``calibration``).
-    calibration: ``"NVFP4"`` only: a recipe (name, YAML path or Recipe: its data), a text
-        file, or token-id tensors / batches; a few batches are used.
+    calibration: ``"NVFP4"`` only: token-id tensors or batches (a recipe's data:
+        ``hf_nvfp4.data.calibration_batches("tiny-cpu")``), or a text file tokenized with
+        ``tokenizer``; at most 8 batches are used.
     tokenizer: saved with the checkpoint; by default the one in the model's directory, if any.
 
     ``save_directory`` must be new or empty. High-precision tensors are written in bf16.
@@ -112,9 +113,10 @@ def export_nvfp4(
 def export_to_directory(model, save_directory, fmt, scheme, calibration, tokenizer, overwrite: bool) -> ExportReport:
     """:func:`export_nvfp4`, with ``overwrite`` (the CLI's ``--overwrite``) replacing an earlier export."""
     _check_choices(fmt, scheme, calibration)
+    out = Path(save_directory).expanduser()
+    _check_dir(out, overwrite)  # before any costly step
     model, source = _load(model)
     names = _quantized_names(model)
-    out = Path(save_directory).expanduser()
     report = ExportReport(str(out), fmt, scheme, quantized=names)
     groups = _classify(model, names, report)
     if tokenizer is None and source is not None:
@@ -314,15 +316,19 @@ def _quantize_layers(model, names, groups, report) -> dict:
     return out
 
 
-def _prepare_dir(path: Path, overwrite: bool) -> None:
+def _check_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"export_nvfp4: {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"export_nvfp4: {path} is not empty; choose a new or empty directory "
-                "(the CLI's --overwrite replaces an earlier export there)"
-            )
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(
+            f"export_nvfp4: {path} is not empty; choose a new or empty directory "
+            "(the CLI's --overwrite replaces an earlier export there)"
+        )
+
+
+def _prepare_dir(path: Path, overwrite: bool) -> None:
+    _check_dir(path, overwrite)
+    if path.is_dir() and overwrite:
         for f in path.iterdir():  # only what an export writes; anything else stays
             if f.is_file() and (f.name in _WRITTEN or (f.name.startswith("model") and f.suffix == ".safetensors")):
                 f.unlink()
@@ -330,9 +336,13 @@ def _prepare_dir(path: Path, overwrite: bool) -> None:
 
 
 def _write_configs(model, out: Path, fmt: str, scheme: str, dtype: torch.dtype, report: ExportReport) -> None:
-    from .. import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    qc, hf_quant = quant_config(fmt, scheme, sorted(report.high_precision), __version__)
+    try:
+        producer_version = version("hf-nvfp4")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        producer_version = "unknown"
+    qc, hf_quant = quant_config(fmt, scheme, sorted(report.high_precision), producer_version)
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qc
     cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
