@@ -271,6 +271,10 @@ def test_cli_exports_a_run_dir_and_refuses_to_overwrite(run_dir, tmp_path, capsy
     assert (out / "hf_quant_config.json").is_file() and (out / "mine.txt").is_file()
     assert main(["export", str(run), str(out), "--overwrite"]) == 0
     assert not (out / "hf_quant_config.json").exists() and (out / "mine.txt").is_file()
+    before = {f.name: f.stat().st_mtime_ns for f in run.iterdir()}
+    assert main(["export", str(run), str(run), "--overwrite"]) == 2  # never into a checkpoint that is no export
+    assert "is not an earlier export" in capsys.readouterr().err
+    assert {f.name: f.stat().st_mtime_ns for f in run.iterdir()} == before
     assert main(["export", str(run), str(tmp_path / "w4a4"), "--scheme", "NVFP4"]) == 2
     assert "needs calibration data" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2

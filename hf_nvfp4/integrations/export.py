@@ -316,13 +316,26 @@ def _quantize_layers(model, names, groups, report) -> dict:
     return out
 
 
+def _ours(f: Path) -> bool:
+    """A file an export writes (and --overwrite may replace)."""
+    return f.is_file() and (f.name in _WRITTEN or (f.name.startswith("model") and f.suffix == ".safetensors"))
+
+
 def _check_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"export_nvfp4: {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not overwrite:
         raise ValueError(
             f"export_nvfp4: {path} is not empty; choose a new or empty directory "
             "(the CLI's --overwrite replaces an earlier export there)"
+        )
+    ours = sorted(f.name for f in path.iterdir() if _ours(f))
+    if ours and not (path / REPORT_FILE).is_file():  # e.g. the training run's own directory
+        raise ValueError(
+            f"export_nvfp4: {path} holds {', '.join(ours[:3])} but no {REPORT_FILE}: it is not an earlier export, "
+            "so --overwrite will not replace its files; choose another directory"
         )
 
 
@@ -330,7 +343,7 @@ def _prepare_dir(path: Path, overwrite: bool) -> None:
     _check_dir(path, overwrite)
     if path.is_dir() and overwrite:
         for f in path.iterdir():  # only what an export writes; anything else stays
-            if f.is_file() and (f.name in _WRITTEN or (f.name.startswith("model") and f.suffix == ".safetensors")):
+            if _ours(f):
                 f.unlink()
     path.mkdir(parents=True, exist_ok=True)
 
