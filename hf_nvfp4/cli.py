@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "modelopt"])
     x.add_argument("--scheme", default="NVFP4A16", choices=["NVFP4A16", "NVFP4"], help="NVFP4 = W4A4 (calibrated)")
     x.add_argument(
-        "--calibration", metavar="RECIPE_OR_DATA", help="W4A4 only: a recipe name or YAML (its data), or a .txt file"
+        "--calibration", metavar="RECIPE_OR_DATA", help="W4A4 only: a recipe name or YAML (its data), or a text file"
     )
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
     x.set_defaults(fn=_export)
