@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,20 +17,49 @@ from .recipe import Recipe
 logger = logging.getLogger("hf_nvfp4")
 
 
-def _offline_unless_needed(recipe: Recipe) -> None:
-    """No network unless the recipe names a hub source."""
-    if recipe.needs_network():
-        return
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    try:
-        import datasets
-        import huggingface_hub.constants as hc
+@contextlib.contextmanager
+def run_scope(recipe: Recipe, quiet: bool = False):
+    """Per-run process settings, restored on exit: offline switches (unless the recipe names a hub
+    source), the TensorBoard/W&B directories (inside this run's output dir), library verbosity and
+    progress bars, and the global RNGs the run seeds. Two runs in one process never share state."""
+    import random
 
-        hc.HF_HUB_OFFLINE = True
-        datasets.config.HF_HUB_OFFLINE = True
-    except (ImportError, AttributeError):
-        pass
+    import datasets
+    import huggingface_hub.constants as hc
+    import numpy as np
+    import transformers
+
+    env = {"TENSORBOARD_LOGGING_DIR": str(Path(recipe.output_dir) / "logs")}
+    if not recipe.needs_network():
+        env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if recipe.logging.wandb_project:
+        env["WANDB_PROJECT"] = recipe.logging.wandb_project
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved = (hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, transformers.logging.get_verbosity(),
+             datasets.is_progress_bar_enabled(), logger.level)
+    rng = (torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+    os.environ.update(env)
+    if "HF_HUB_OFFLINE" in env:
+        hc.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    if quiet:
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[0], saved[1]
+        transformers.logging.set_verbosity(saved[2])
+        (datasets.enable_progress_bars if saved[3] else datasets.disable_progress_bars)()
+        logger.setLevel(saved[4])
+        torch.random.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
 
 
 def callbacks_from_recipe(recipe: Recipe) -> list:
@@ -92,9 +122,6 @@ def training_arguments(recipe: Recipe, quiet: bool = False):
     decay = int(round(t.decay_fraction * t.max_steps))
     warmup = min(t.warmup_steps, t.max_steps - decay)
     report = [r for r in recipe.logging.report_to if r != "none"]
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(recipe.output_dir) / "logs"))
-    if "wandb" in report and recipe.logging.wandb_project:
-        os.environ.setdefault("WANDB_PROJECT", recipe.logging.wandb_project)
     return TrainingArguments(
         output_dir=recipe.output_dir,
         run_name=recipe.logging.run_name or recipe.name,
@@ -132,18 +159,15 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
     evaluate_at_end: also report the loss on the recipe's held-out split (``eval_loss``).
     quiet: no progress bars or summary print (for sweeps that show their own progress).
     """
-    if quiet:
-        import datasets
-        import transformers
+    with run_scope(recipe, quiet):
+        return _run(recipe, extra_callbacks, evaluate_at_end, quiet)
 
-        datasets.disable_progress_bars()
-        transformers.logging.set_verbosity_error()
-        logger.setLevel(logging.WARNING)
+
+def _run(recipe: Recipe, extra_callbacks, evaluate_at_end: bool, quiet: bool) -> dict:
     from transformers import Trainer, default_data_collator
 
     from .data import build_datasets, build_tokenizer
 
-    _offline_unless_needed(recipe)
     torch.manual_seed(recipe.training.seed)
     tokenizer = build_tokenizer(recipe)
     args = training_arguments(recipe, quiet)

@@ -13,10 +13,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from models import tiny
+from test_te_backend import standin  # noqa: F401 - the TE stand-in fixture
 from transformers import AutoModelForCausalLM
 
 import hf_nvfp4
 from hf_nvfp4 import NVFP4Config, NVFP4Linear, NVFP4Plugin
+from hf_nvfp4.recipe import RECIPE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = NVFP4Config(bf16_last_blocks=1)  # SR, RHT and 2D scaling on: the paper's recipe
@@ -289,7 +291,7 @@ def _example(tmp_path, name, batch, launcher=None, steps=4):
         cmd = [sys.executable, script, *args]
     else:
         accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-        cmd = [accelerate, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / launcher), script, *args]
+        cmd = [accelerate, "launch", "--config_file", str(RECIPE_DIR / "accelerate" / launcher), script, *args]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     run = json.loads((tmp_path / f"{name}.json").read_text())
@@ -332,3 +334,39 @@ def test_fsdp2_through_the_plugin_on_cpu(tmp_path):
     assert two["switch_steps"] == one["switch_steps"] == [3]
     for x, y in zip(one["losses"] + one["shadow_losses"], two["losses"] + two["shadow_losses"], strict=True):
         assert abs(x - y) <= 0.02 * x, (one, two)  # the model and its FP8 shadow
+
+
+def test_plugin_on_the_te_standin(standin):  # noqa: F811 - the fixture imported above
+    """With the TE STAND-IN (tests/te_standin, not Transformer Engine) on a pretended Blackwell, the
+    plugin converts through the shared path, so backend="auto" picks TE as convert_model does, and
+    a custom loop with the late switch and the FP8 shadow computes exactly what the emulated
+    backend computes, through te.Linear calls with the expected TE recipes."""
+    runs = {}
+    for backend in ("auto", "emulated"):
+        acc = _accelerator(mixed_precision="bf16")
+        model = tiny("llama", 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        cfg = NVFP4Config(bf16_last_blocks=0, disable_stochastic_rounding=True, backend=backend)
+        plugin = NVFP4Plugin(cfg, switch_at=1, switch_scope="forward", fp8_shadow=True)
+        model, opt = plugin.prepare(acc, model, opt)
+        standin.linear.CALLS.clear()
+        calls, logs = [], []
+        for step in range(2):
+            ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(step))
+            batch = {"input_ids": ids, "labels": ids}
+            loss = model(**batch).loss
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            logs.append(plugin.step(batch=batch, loss=loss))
+            calls.append(sorted({c for c, _ in standin.linear.CALLS}))
+            standin.linear.CALLS.clear()
+        layers = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
+        runs[backend] = (logs, _weights(model), {m.backend for m in layers}, calls)
+    (logs, w, backends, calls), (elogs, ew, ebackends, ecalls) = runs["auto"], runs["emulated"]
+    assert backends == {"te"} and ebackends == {"emulated"}
+    # step 1: NVFP4 on TE (+ the FP8 shadow on TE); step 2, after the forward-only switch: CustomRecipe
+    assert calls == [["Float8BlockScaling", "NVFP4BlockScaling"], ["CustomRecipe", "Float8BlockScaling"]]
+    assert ecalls == [["Float8BlockScaling"], ["Float8BlockScaling"]]  # the emulated run's shadow: TE too
+    assert logs == elogs and logs[0]["precision_switch_step"] == 1.0
+    assert all(torch.equal(w[k], ew[k]) for k in w)

@@ -37,7 +37,8 @@ class FP8ShadowCallback(TrainerBound):
 
     mode="lockstep": a shadow copy of the model, identical at step 0, computes with the paper's
         FP8 baseline numerics (``format="fp8_block"``: E4M3, 1x128 activation/gradient blocks,
-        128x128 weight blocks; first block and last 2 blocks BF16), has its own AdamW with the
+        128x128 weight blocks; first block and last 2 blocks BF16; through Transformer Engine's
+        Float8BlockScaling where TE runs it, compute capability >= 9.0), has its own AdamW with the
         same hyperparameters and schedule, and trains on exactly the same micro-batches. Costs
         one more model, its optimizer state and gradients (about 2x the memory of the weights'
         training state) and about one more training step of compute per step.

@@ -3,7 +3,8 @@
 Shared by :class:`~hf_nvfp4.FP8ShadowCallback` (the HF Trainer) and :class:`~hf_nvfp4.NVFP4Plugin`
 (your own Accelerate loop). A copy of the model, identical at step 0, computes with the paper's
 FP8 baseline numerics (``format="fp8_block"``: E4M3, 1x128 activation/gradient blocks, 128x128
-weight blocks; first block and last 2 blocks BF16), has its own AdamW with the same
+weight blocks; first block and last 2 blocks BF16; through Transformer Engine's Float8BlockScaling
+where TE runs it), has its own AdamW with the same
 hyperparameters, and trains on exactly the same micro-batches. Knows nothing of transformers or
 accelerate: the entry points hand it batches, learning rates and the autocast dtype.
 """
@@ -86,8 +87,9 @@ class ShadowRun:
         shadow.__dict__.pop("hf_quantizer", None)
         unconvert_model(shadow)
         if self.format != "bf16":
+            # issue 12: TE's native FP8/MXFP8 recipe where the GPU supports it (Hopper too), else emulated
             recipe = NVFP4Recipe.for_format(self.format, bf16_first_blocks=self.first,
-                                            bf16_last_blocks=self.last, backend="emulated")
+                                            bf16_last_blocks=self.last, backend="auto")
             try:
                 convert_model(shadow, recipe, rank=rank)
             except ValueError as exc:
