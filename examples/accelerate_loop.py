@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
         shadow_max_grad_norm=1.0,
     )
     model, optimizer, loader, scheduler = plugin.prepare(accelerator, model, optimizer, loader, scheduler)
-    accelerator.init_trackers("accelerate-loop", config=vars(args))
+    accelerator.init_trackers("accelerate-loop", config={k: v for k, v in vars(args).items() if v is not None})
     if args.resume:
         accelerator.load_state(args.resume)  # weights, optimizer, scheduler, RNG and the plugin
     accelerator.print(f"NVFP4: {sum(isinstance(m, hf_nvfp4.NVFP4Linear) for m in model.modules())} Linear layers "

@@ -53,9 +53,13 @@ if __name__ == "__main__":
         losses.append(acc.reduce(loss.detach(), "mean").item())
     inner = acc.unwrap_model(model)
     converted = sum(isinstance(m, hf_nvfp4.NVFP4Linear) for m in inner.modules())
+    st = inner.nvfp4_state  # each process its own SR stream: its rank, and a base seed of its own
+    ranks = acc.gather(torch.tensor([st.rank])).tolist()
+    bases = acc.gather(torch.tensor([st._base])).tolist()
     if acc.is_main_process:
         with open(sys.argv[1], "w") as f:
             json.dump({"losses": losses, "param_type": type(next(model.parameters())).__name__, "world": world,
                        "fsdp2_modules": sharded, "converted": converted,
-                       "switch_steps": switches, "shadow_losses": shadow}, f)
+                       "switch_steps": switches, "shadow_losses": shadow, "sr_ranks": ranks,
+                       "sr_bases_distinct": len(set(bases)) == world}, f)
     acc.end_training()
