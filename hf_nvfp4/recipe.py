@@ -240,7 +240,11 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = N
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:  # e.g. a !!python/... tag: safe_load refuses it
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RecipeError(f"override {item!r}: the value is not plain YAML data ({msg})") from None
     data.setdefault("name", path.stem)
     recipe = _build(Recipe, data, "recipe")
     _check(recipe)
@@ -275,3 +279,38 @@ def _check(r: Recipe) -> None:
         raise RecipeError("recipe.precision_switch.scope must be 'all' or 'forward'")
     if r.fp8_shadow.mode not in ("lockstep", "reference"):
         raise RecipeError("recipe.fp8_shadow.mode must be 'lockstep' or 'reference'")
+    if r.model.dtype not in DTYPES:
+        raise RecipeError(
+            f"recipe.model.dtype must be one of {', '.join(DTYPES)} (master weights), got {r.model.dtype!r}"
+        )
+    _check_callbacks(r)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_callbacks(r: Recipe) -> None:
+    """Build the callback sections' objects now: a bad value fails at load, not after data and model."""
+    from .integrations.callbacks import PrecisionSwitchCallback
+    from .integrations.shadow import FP8ShadowCallback
+
+    ps, sh = r.precision_switch, r.fp8_shadow
+    if ps.at is None and (ps.to, ps.scope) != (PrecisionSwitchSection.to, PrecisionSwitchSection.scope):
+        raise RecipeError(
+            "recipe.precision_switch sets to/scope but not at (a fraction, a step or tokens): nothing would switch"
+        )
+    if ps.at is not None and r.nvfp4 is None:
+        raise RecipeError(
+            "recipe.precision_switch needs an nvfp4 section (with nvfp4: null nothing is NVFP4 to switch)"
+        )
+    try:
+        PrecisionSwitchCallback(0.5 if ps.at is None else ps.at, to=ps.to, scope=ps.scope)
+    except ValueError as exc:
+        raise RecipeError(f"recipe.precision_switch: {exc}") from None
+    try:
+        if sh.enabled:
+            FP8ShadowCallback(sh.mode, format=sh.format, reference=sh.reference)
+        else:  # the values are checked even while it is off, so turning it on later cannot fail late
+            FP8ShadowCallback(format=sh.format)
+    except (ValueError, OSError) as exc:
+        raise RecipeError(f"recipe.fp8_shadow: {exc}") from None

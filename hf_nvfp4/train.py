@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -60,9 +61,6 @@ def training_arguments(recipe: Recipe, quiet: bool = False):
     decay = int(round(t.decay_fraction * t.max_steps))
     warmup = min(t.warmup_steps, t.max_steps - decay)
     report = [r for r in recipe.logging.report_to if r != "none"]
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(recipe.output_dir) / "logs"))
-    if "wandb" in report and recipe.logging.wandb_project:
-        os.environ.setdefault("WANDB_PROJECT", recipe.logging.wandb_project)
     return TrainingArguments(
         output_dir=recipe.output_dir,
         run_name=recipe.logging.run_name or recipe.name,
@@ -94,11 +92,44 @@ def training_arguments(recipe: Recipe, quiet: bool = False):
     )
 
 
-def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = False, quiet: bool = False) -> dict:
+def tensorboard_dir(recipe: Recipe) -> Path | None:
+    """Where TensorBoard events go (None when ``logging.report_to`` has no tensorboard)."""
+    if "tensorboard" not in recipe.logging.report_to:
+        return None
+    return Path(os.environ.get("TENSORBOARD_LOGGING_DIR") or Path(recipe.output_dir) / "logs")
+
+
+@contextlib.contextmanager
+def _env(**values):
+    """Set environment variables (None: leave alone) and restore them afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is not None:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    extra_callbacks=None,
+    evaluate_at_end: bool = False,
+    quiet: bool = False,
+    resume_from_checkpoint: str | None = None,
+) -> dict:
     """Train per ``recipe``; returns the summary (also printed and written to summary.json).
 
     evaluate_at_end: also report the loss on the recipe's held-out split (``eval_loss``).
     quiet: no progress bars or summary print (for sweeps that show their own progress).
+    resume_from_checkpoint: a ``checkpoint-N`` directory to continue from
+    (see :func:`hf_nvfp4.rundir.prepare_output_dir`, which the train command uses to pick it).
     """
     if quiet:
         import datasets
@@ -122,23 +153,30 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
     from .integrations.callbacks import callbacks_from_recipe
 
     callbacks = callbacks_from_recipe(recipe) + list(extra_callbacks or [])
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=default_data_collator,
-        callbacks=callbacks,
+    tb_dir = tensorboard_dir(recipe)
+    wandb = recipe.logging.wandb_project if "wandb" in recipe.logging.report_to else None
+    # the report_to integrations read these while the Trainer is built and trains; restored after
+    env = _env(
+        TENSORBOARD_LOGGING_DIR=str(tb_dir) if tb_dir else None, WANDB_PROJECT=os.environ.get("WANDB_PROJECT") or wandb
     )
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
-        logger.warning(
-            "hf_nvfp4: the accelerate config asks for FSDP, but accelerate enables FSDP only for GPU "
-            "launches; this run uses %s instead",
-            trainer.accelerator.distributed_type,
+    with env:
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=default_data_collator,
+            callbacks=callbacks,
         )
-    start = time.perf_counter()
-    result = trainer.train()
-    elapsed = time.perf_counter() - start
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+            logger.warning(
+                "hf_nvfp4: the accelerate config asks for FSDP, but accelerate enables FSDP only for GPU "
+                "launches; this run uses %s instead",
+                trainer.accelerator.distributed_type,
+            )
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        elapsed = time.perf_counter() - start
     trainer.save_model(recipe.output_dir)
     tokenizer.save_pretrained(recipe.output_dir)
     if trainer.is_world_process_zero():
@@ -157,7 +195,7 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
         "seconds": elapsed,
         "world_size": args.world_size,
         "checkpoint": str(Path(recipe.output_dir).resolve()),
-        "logs": str(Path(os.environ["TENSORBOARD_LOGGING_DIR"]).resolve()),
+        "logs": str(tb_dir.resolve()) if tb_dir else None,
         "nvfp4": recipe.nvfp4.to_dict() if recipe.nvfp4 is not None else None,
         "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
     }
@@ -187,6 +225,8 @@ def format_summary(s: dict) -> str:
             f"  loss        {first}{s['final_loss']:.4f}",
             f"  throughput  {s['tokens_per_s']:.0f} tokens/s ({s['tokens']} tokens in {s['seconds']:.0f} s)",
             f"  checkpoint  {s['checkpoint']}  (a plain HF checkpoint; import hf_nvfp4 to reload it converted)",
-            f"  logs        {s['logs']}  (tensorboard --logdir {s['logs']})",
+            f"  logs        {s['logs']}  (tensorboard --logdir {s['logs']})"
+            if s.get("logs")
+            else "  logs        none written (logging.report_to is empty); the loss curve is in summary.json",
         ]
     )
