@@ -17,20 +17,89 @@ from .recipe import Recipe
 logger = logging.getLogger("hf_nvfp4")
 
 
-def _offline_unless_needed(recipe: Recipe) -> None:
-    """No network unless the recipe names a hub source."""
-    if recipe.needs_network():
-        return
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    try:
-        import datasets
-        import huggingface_hub.constants as hc
+def tensorboard_dir(recipe: Recipe) -> Path | None:
+    """Where TensorBoard events go: ``OUTPUT_DIR/logs``; None when ``logging.report_to`` has no tensorboard."""
+    if "tensorboard" not in recipe.logging.report_to:
+        return None
+    return Path(recipe.output_dir) / "logs"
 
-        hc.HF_HUB_OFFLINE = True
-        datasets.config.HF_HUB_OFFLINE = True
-    except (ImportError, AttributeError):
-        pass
+
+@contextlib.contextmanager
+def run_scope(recipe: Recipe, quiet: bool = False):
+    """Per-run process settings, restored on exit: offline switches (unless the recipe names a hub
+    source), the TensorBoard/W&B directories (inside this run's output dir), library verbosity and
+    progress bars, and the global RNGs the run seeds. Two runs in one process never share state."""
+    import random
+
+    import datasets
+    import huggingface_hub.constants as hc
+    import numpy as np
+    import transformers
+
+    tb_dir = tensorboard_dir(recipe)
+    env = {"TENSORBOARD_LOGGING_DIR": str(tb_dir)} if tb_dir else {}
+    if not recipe.needs_network():
+        env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if recipe.logging.wandb_project:
+        env["WANDB_PROJECT"] = recipe.logging.wandb_project
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved = (hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, transformers.logging.get_verbosity(),
+             datasets.is_progress_bar_enabled(), logger.level)
+    rng = (torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+    os.environ.update(env)
+    if "HF_HUB_OFFLINE" in env:
+        hc.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    if quiet:
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[0], saved[1]
+        transformers.logging.set_verbosity(saved[2])
+        (datasets.enable_progress_bars if saved[3] else datasets.disable_progress_bars)()
+        logger.setLevel(saved[4])
+        torch.random.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+
+
+def callbacks_from_recipe(recipe: Recipe) -> list:
+    """The callbacks a recipe asks for."""
+    from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
+
+    cbs: list = []
+    ps = recipe.precision_switch
+    if ps.at is not None:
+        cbs.append(PrecisionSwitchCallback(ps.at, to=ps.to, scope=ps.scope))
+    sh = recipe.fp8_shadow
+    if sh.enabled:
+        from .integrations.shadow import FP8ShadowCallback
+
+        cbs.append(FP8ShadowCallback(sh.mode, format=sh.format, reference=sh.reference))
+    if recipe.logging.health_every_n_steps and recipe.nvfp4 is not None:
+        cbs.append(QuantHealthCallback(recipe.logging.health_every_n_steps))
+    ev = recipe.evaluation
+    if ev.tasks:
+        from .integrations.lm_eval import LMEvalCallback
+
+        cbs.append(
+            LMEvalCallback(
+                ev.tasks,
+                ev.every_n_steps or None,
+                on_evaluate=not ev.every_n_steps,
+                include_path=ev.include_path,
+                limit=ev.limit,
+                batch_size=ev.batch_size,
+            )
+        )
+    return cbs
 
 
 def build_model(recipe: Recipe, vocab_size: int):
@@ -92,30 +161,6 @@ def training_arguments(recipe: Recipe, quiet: bool = False):
     )
 
 
-def tensorboard_dir(recipe: Recipe) -> Path | None:
-    """Where TensorBoard events go (None when ``logging.report_to`` has no tensorboard)."""
-    if "tensorboard" not in recipe.logging.report_to:
-        return None
-    return Path(os.environ.get("TENSORBOARD_LOGGING_DIR") or Path(recipe.output_dir) / "logs")
-
-
-@contextlib.contextmanager
-def _env(**values):
-    """Set environment variables (None: leave alone) and restore them afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is not None:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_recipe(
     recipe: Recipe,
     *,
@@ -129,20 +174,17 @@ def run_recipe(
     evaluate_at_end: also report the loss on the recipe's held-out split (``eval_loss``).
     quiet: no progress bars or summary print (for sweeps that show their own progress).
     resume_from_checkpoint: a ``checkpoint-N`` directory to continue from
-    (see :func:`hf_nvfp4.rundir.prepare_output_dir`, which the train command uses to pick it).
+    (:func:`hf_nvfp4.rundir.prepare_output_dir` picks it for the train command).
     """
-    if quiet:
-        import datasets
-        import transformers
+    with run_scope(recipe, quiet):
+        return _run(recipe, extra_callbacks, evaluate_at_end, quiet, resume_from_checkpoint)
 
-        datasets.disable_progress_bars()
-        transformers.logging.set_verbosity_error()
-        logger.setLevel(logging.WARNING)
+
+def _run(recipe: Recipe, extra_callbacks, evaluate_at_end: bool, quiet: bool, resume_from_checkpoint=None) -> dict:
     from transformers import Trainer, default_data_collator
 
     from .data import build_datasets, build_tokenizer
 
-    _offline_unless_needed(recipe)
     torch.manual_seed(recipe.training.seed)
     tokenizer = build_tokenizer(recipe)
     args = training_arguments(recipe, quiet)
@@ -150,33 +192,27 @@ def run_recipe(
         train_ds, eval_ds = build_datasets(recipe, tokenizer)
     vocab = int(math.ceil(len(tokenizer) / 16) * 16)
     model = build_model(recipe, vocab)
-    from .integrations.callbacks import callbacks_from_recipe
-
     callbacks = callbacks_from_recipe(recipe) + list(extra_callbacks or [])
-    tb_dir = tensorboard_dir(recipe)
-    wandb = recipe.logging.wandb_project if "wandb" in recipe.logging.report_to else None
-    # the report_to integrations read these while the Trainer is built and trains; restored after
-    env = _env(
-        TENSORBOARD_LOGGING_DIR=str(tb_dir) if tb_dir else None, WANDB_PROJECT=os.environ.get("WANDB_PROJECT") or wandb
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=default_data_collator,
+        callbacks=callbacks,
     )
-    with env:
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            data_collator=default_data_collator,
-            callbacks=callbacks,
+    for cb in callbacks:  # bound explicitly: callbacks never search for their Trainer
+        if hasattr(cb, "bind"):
+            cb.bind(trainer)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        logger.warning(
+            "hf_nvfp4: the accelerate config asks for FSDP, but accelerate enables FSDP only for GPU "
+            "launches; this run uses %s instead",
+            trainer.accelerator.distributed_type,
         )
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
-            logger.warning(
-                "hf_nvfp4: the accelerate config asks for FSDP, but accelerate enables FSDP only for GPU "
-                "launches; this run uses %s instead",
-                trainer.accelerator.distributed_type,
-            )
-        start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    elapsed = time.perf_counter() - start
     trainer.save_model(recipe.output_dir)
     tokenizer.save_pretrained(recipe.output_dir)
     if trainer.is_world_process_zero():
@@ -195,7 +231,7 @@ def run_recipe(
         "seconds": elapsed,
         "world_size": args.world_size,
         "checkpoint": str(Path(recipe.output_dir).resolve()),
-        "logs": str(tb_dir.resolve()) if tb_dir else None,
+        "logs": str(tensorboard_dir(recipe).resolve()) if tensorboard_dir(recipe) else None,
         "nvfp4": recipe.nvfp4.to_dict() if recipe.nvfp4 is not None else None,
         "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
     }
