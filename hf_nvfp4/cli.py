@@ -1,4 +1,5 @@
-"""Command line: ``hf-nvfp4 train RECIPE [--resume | --overwrite]``, ``eval``, ``compare``, ``ablate``, ``recipes``."""
+"""Command line: ``hf-nvfp4 train RECIPE [--resume | --overwrite]``, ``eval``, ``compare``, ``ablate``, ``export``,
+``recipes``."""
 
 from __future__ import annotations
 
@@ -102,6 +103,29 @@ def _ablate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .integrations.export import export_to_directory
+
+    calibration, text = args.calibration, None
+    if calibration is not None:
+        text = Path(calibration).is_file() and Path(calibration).suffix not in (".yaml", ".yml")
+    if calibration is not None and not text:
+        from .data import calibration_batches
+        from .recipe import load_recipe
+
+        recipe = load_recipe(calibration)  # a recipe name or YAML: checked now, its data built only when needed
+        calibration = lambda: calibration_batches(recipe)
+    try:
+        report = export_to_directory(
+            args.model_dir, args.out_dir, args.format, args.scheme, calibration, None, overwrite=args.overwrite
+        )
+    except NotImplementedError as exc:
+        print(f"hf-nvfp4: not supported yet: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-nvfp4", description="NVFP4 pretraining for the Hugging Face stack")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -150,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     ga.add_argument("--resume", action="store_true", help="add to the sweep already in --out (runs.jsonl)")
     ga.add_argument("--overwrite", action="store_true", help="delete the sweep already in --out, start over")
     a.set_defaults(fn=_ablate)
+    x = sub.add_parser("export", help="write an NVFP4 serving checkpoint (compressed-tensors for vLLM, or ModelOpt)")
+    x.add_argument("model_dir", help="a checkpoint trained with hf-nvfp4 (a run's output_dir)")
+    x.add_argument("out_dir", help="a new or empty directory")
+    x.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "modelopt"])
+    x.add_argument("--scheme", default="NVFP4A16", choices=["NVFP4A16", "NVFP4"], help="NVFP4 = W4A4 (calibrated)")
+    x.add_argument(
+        "--calibration", metavar="RECIPE_OR_DATA", help="W4A4 only: a recipe name or YAML (its data), or a text file"
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    x.set_defaults(fn=_export)
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=_recipes)
     args = ap.parse_args(argv)
