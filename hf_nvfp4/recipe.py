@@ -1,5 +1,8 @@
 """Recipe files: YAML data (never code) describing one training run, validated strictly.
 
+A recipe file names a whole run (model, data, training, callbacks) and carries the NVFP4 recipe
+itself under ``nvfp4:`` (an :class:`~hf_nvfp4.NVFP4Config`). Its Python form is :class:`RecipeFile`.
+
 An unknown or mistyped key is an error that names it and lists the valid ones. Loading uses
 ``yaml.safe_load``; ``trust_remote_code`` stays off unless the recipe sets it; the network
 is used only when the recipe names a hub source (a model, tokenizer or dataset that is not
@@ -108,7 +111,7 @@ class LoggingSection:
 
 
 @dataclass
-class Recipe:
+class RecipeFile:
     name: str = "recipe"
     output_dir: str = "runs/recipe"
     model: ModelSection = field(default_factory=ModelSection)
@@ -137,6 +140,9 @@ class Recipe:
             d["nvfp4"] = {k: v for k, v in self.nvfp4.to_dict().items() if k != "quant_method"}
         return d
 
+
+
+Recipe = RecipeFile  # older name
 
 def _build(cls, data: Any, where: str):
     if cls is NVFP4Config:
@@ -216,7 +222,7 @@ def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
     raise RecipeError(f"no recipe file {name_or_path!r}; give a path to a YAML file or one of: {', '.join(shipped)}")
 
 
-def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeFile:
     """Read and validate a recipe; ``overrides`` are ``section.key=value`` strings (YAML values).
 
     >>> from hf_nvfp4.recipe import load_recipe
@@ -246,12 +252,12 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = N
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RecipeError(f"override {item!r}: the value is not plain YAML data ({msg})") from None
     data.setdefault("name", path.stem)
-    recipe = _build(Recipe, data, "recipe")
+    recipe = _build(RecipeFile, data, "recipe")
     _check(recipe)
     return recipe
 
 
-def _check(r: Recipe) -> None:
+def _check(r: RecipeFile) -> None:
     if (r.model.name_or_path is None) == (r.model.config is None):
         raise RecipeError("recipe.model needs exactly one of name_or_path (pretrained) or config (from scratch)")
     if r.model.config is not None and "model_type" not in r.model.config:
@@ -289,7 +295,7 @@ def _check(r: Recipe) -> None:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _check_callbacks(r: Recipe) -> None:
+def _check_callbacks(r: RecipeFile) -> None:
     """Build the callback sections' objects now: a bad value fails at load, not after data and model."""
     from .integrations.callbacks import PrecisionSwitchCallback
     from .integrations.shadow import FP8ShadowCallback
