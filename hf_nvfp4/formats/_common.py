@@ -67,6 +67,14 @@ def check_generator(generator: object, fn: str) -> torch.Generator | None:
     return generator
 
 
+def shape_2d(x: torch.Tensor) -> tuple[int, int]:
+    """The shape :func:`as_2d` would give, without copying a non-contiguous ``x``."""
+    rows = 1
+    for n in x.shape[:-1]:
+        rows *= n
+    return rows, x.shape[-1]
+
+
 def as_2d(x: torch.Tensor) -> torch.Tensor:
     """Flatten all leading dims: [..., K] -> [M, K] (empty tensors included)."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()

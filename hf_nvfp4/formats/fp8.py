@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from ._common import E4M3_MAX, FLT_MAX, as_2d, check_amax, check_input, check_tile, pad_2d
+from ._common import E4M3_MAX, FLT_MAX, as_2d, check_amax, check_input, check_tile, pad_2d, shape_2d
 from ._compile import fused
 from .quantized import BlockQuantized
 
@@ -64,7 +64,7 @@ def _fp8_block(x, tile, pow2_scales, dequant, fn):
         xb, dims = x2.view(m // 128, 128, k // 128, 128), (1, 3)
     scale = _scale_from_amax(_block_amax(xb, dims), pow2)
     out = _block_cast(xb, scale, x.dtype, dequant).reshape(m, k)
-    rows, cols = as_2d(x).shape
+    rows, cols = shape_2d(x)
     if dequant:
         return out[:rows, :cols].reshape(x.shape)
     scale_rows = rows if tile == (1, 128) else -(-rows // 128)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import _random
-from ._common import E4M3_MAX, as_2d, check_generator, check_input, check_tile, pad_2d
+from ._common import E4M3_MAX, as_2d, check_generator, check_input, check_tile, pad_2d, shape_2d
 from ._compile import fused
 from .e2m1 import codes_from_values, pack_nibbles, round_e2m1, round_e2m1_stochastic, signed
 from .quantized import BlockQuantized
@@ -88,7 +88,7 @@ def _mx(x, elem: str, tile, stochastic, generator, dequant, fn):
     else:
         exp, scale = _mx_scales(vmax, float(torch.tensor(1.0 / E4M3_MAX, dtype=torch.float32)), False)
         out = _mxfp8_apply(xb, scale, x.dtype, dequant)
-    rows, cols = as_2d(x).shape
+    rows, cols = shape_2d(x)
     if dequant:
         return out.reshape(m, k)[:rows, :cols].reshape(x.shape)
     data = out.reshape(m, k)

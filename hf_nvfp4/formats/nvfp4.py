@@ -22,7 +22,17 @@ from dataclasses import dataclass
 import torch
 
 from . import _random
-from ._common import E4M3_MAX, FLT_MAX, as_2d, check_amax, check_generator, check_input, check_tile, pad_2d
+from ._common import (
+    E4M3_MAX,
+    FLT_MAX,
+    as_2d,
+    check_amax,
+    check_generator,
+    check_input,
+    check_tile,
+    pad_2d,
+    shape_2d,
+)
 from ._compile import fused
 from .e2m1 import (
     packed_codes,
@@ -96,16 +106,12 @@ def _tensor_scalars(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 @fused(dims=(0, 2))
 def _block_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """Per-block max |x| as fp32: [B, 16] -> [B, 1], or [M/16, 16, K/16, 16] -> [M/16, 1, K/16, 1].
+    """Per-block max |x| as fp32 (NaN propagates): [B, 16] -> [B], or [M/16, 16, K/16, 16] -> [M/16, K/16].
 
-    Taken on the integer bits with the sign cleared (same order as the magnitudes, NaN
-    on top): narrow integer max instructions make this much faster than a float abs-max.
+    A float abs-max reduction: on AVX2 it vectorizes, where a max over the integer bits with the
+    sign cleared compiled to a loop 2-18x slower (measured with benchmarks/quantize.py).
     """
-    if xb.dtype == torch.float32:
-        bits = xb.view(torch.int32) & 0x7FFFFFFF
-    else:
-        bits = xb.view(torch.int16) & 0x7FFF
-    return bits.amax(dim=dims).view(xb.dtype).float()  # keepdim=True is slower here
+    return xb.abs().amax(dim=dims).float()
 
 
 @fused(dims=(0,))
@@ -237,7 +243,7 @@ def quantize_nvfp4(
         packed = _codes_nearest(xb, enc)
     else:
         packed = _codes_stochastic(xb, enc, seeds)
-    rows = as_2d(x).shape[0]
+    rows = shape_2d(x)[0]
     data = packed.reshape(m, k // 2)[:rows]
     scales = scale.view(m, k // 16)[:rows]  # TE's layout: a 16x16 tile's scale on each of its rows
     return NVFP4Tensor(data.contiguous(), scales.contiguous(), amax.float(), x.shape, tile, rht)
@@ -272,7 +278,7 @@ def fake_quantize_nvfp4(
         x, tile, rht, rht_size, stochastic, generator, amax, "fake_quantize_nvfp4"
     )
     m, k = x2.shape
-    rows, cols = as_2d(x).shape
+    rows, cols = shape_2d(x)
     if rht:  # the transformed basis keeps the padded width
         cols = k
     shape = (*x.shape[:-1], cols)
@@ -313,13 +319,13 @@ def nvfp4_gemm_operand(
     )
     m, k = x2.shape
     if xb.numel() == 0:
-        return torch.zeros(as_2d(x).shape[0], k, dtype=dtype, device=x.device), g
+        return torch.zeros(shape_2d(x)[0], k, dtype=dtype, device=x.device), g
     one = torch.ones((), device=x.device)
     if seeds is None:
         vals = _fake_nearest(xb, scale_f32, enc, one, dtype)
     else:
         vals = _fake_stochastic(xb, scale_f32, enc, one, dtype, seeds)
-    return vals.reshape(m, k)[: as_2d(x).shape[0]], g
+    return vals.reshape(m, k)[: shape_2d(x)[0]], g
 
 
 def _code_value(c: torch.Tensor) -> torch.Tensor:
@@ -329,19 +335,20 @@ def _code_value(c: torch.Tensor) -> torch.Tensor:
 
 
 @fused(dims=(0,))
-def _unpack_scaled(data: torch.Tensor, scale_f32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Packed codes [R, nb, 8] and fp32 scales [R, nb, 1] -> e2m1 * scale [R, nb, 8, 2].
+def _unpack_scaled(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed codes [R, nb, 8] and E4M3 scales [R, nb, 1] -> e2m1 * fp32(scale) [R, nb, 8, 2].
 
     Both nibbles are decoded as floats in int32 lanes and interleaved last (5x faster than
-    interleaving the uint8 codes first: the byte shuffle does not vectorize).
+    interleaving the uint8 codes first: the byte shuffle does not vectorize); the scales are
+    widened inside the kernel, not by a separate pass.
     """
     d = data.to(torch.int32)
     vals = torch.stack([_code_value(d & 0x0F), _code_value(d >> 4)], dim=-1)
-    return (vals * scale_f32.unsqueeze(-1)).to(dtype)
+    return (vals * scale.float().unsqueeze(-1)).to(dtype)
 
 
 def nvfp4_operand_from_packed(q: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, g)`` of a saved :class:`NVFP4Tensor` (padded width), as :func:`nvfp4_gemm_operand`."""
     r, half = q.data.shape
-    vals = _unpack_scaled(q.data.view(r, half // 8, 8), q.scale.float().view(r, half // 8, 1), dtype)
+    vals = _unpack_scaled(q.data.view(r, half // 8, 8), q.scale.view(r, half // 8, 1), dtype)
     return vals.view(r, half * 2), q.amax.float() / TENSOR_SCALE

@@ -72,7 +72,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, ga, gb, out_dtype) -> torch.Tensor:
     if ga is not None or gb is not None:
         alpha = (ga if ga is not None else 1.0) * (gb if gb is not None else 1.0)
         if out.dtype == out_dtype:  # one pass; a 0-dim fp32 factor is applied in fp32, then rounded once
-            return torch.mul(out, alpha)
+            return out.mul_(alpha)  # in place: a fresh output buffer would page-fault in a default process
         out = out.float() * alpha
     return out.to(out_dtype)
 
