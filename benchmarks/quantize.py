@@ -1,49 +1,29 @@
 """Fake-quantize a 4096x4096 bf16 tensor (NVFP4, 1x16, nearest): ours vs torchao vs clone.
 
-    python benchmarks/quantize.py [--size 4096] [--repeats 20] [--device cpu|cuda]
+    python benchmarks/quantize.py [--size 4096] [--repeats 9] [--device cpu|cuda]
 
-All timings are best-of-N after warm-up, in one process. The script re-executes itself
-once with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_ etc.), so every
-32 MiB result lands on memory that is already mapped: a "warm" allocation for every
-contender alike. Without that each allocation page-faults and the clone floor measures
-the kernel's page-fault path instead of memory bandwidth. Pass --no-warm-malloc to see it.
+One default process (no allocator settings: every 32 MiB result is fresh memory, for every
+contender alike). The contenders are timed in interleaved rounds, one call of each per round, so a
+busy machine slows them alike; reported: the median time of each and the medians of the per-round
+ratios (ours / clone, torchao / ours). torchao comes with the ``bench`` extra
+(``pip install -e .[bench]``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
+import statistics
 import time
 
 import torch
-
-WARM_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 34),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
-    "MALLOC_TOP_PAD_": str(1 << 29),
-}
-
-
-def best_of(fn, repeats: int, device: str) -> float:
-    for _ in range(3):
-        fn()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def torchao_fn(x):
     try:
         from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
     except Exception as exc:  # noqa: BLE001
-        print(f"torchao: not available ({type(exc).__name__}); skipping")
+        print(f"torchao: not available ({type(exc).__name__}: {exc}); pip install -e .[bench]")
         return None
 
     def run():
@@ -53,48 +33,62 @@ def torchao_fn(x):
     return run
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no-warm-malloc", action="store_true")
-    args = ap.parse_args()
-    if not args.no_warm_malloc and args.device == "cpu" and os.environ.get("_HF_NVFP4_BENCH") != "1":
-        env = dict(os.environ, _HF_NVFP4_BENCH="1", **WARM_ENV)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    args = ap.parse_args(argv)
 
     import hf_nvfp4
 
     torch.manual_seed(0)
     x = torch.randn(args.size, args.size, dtype=torch.bfloat16, device=args.device)
-    print(
-        f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
-        f"shape={tuple(x.shape)} bf16, warm-malloc={os.environ.get('_HF_NVFP4_BENCH') == '1'}"
-    )
-    hf_nvfp4.set_compile_mode("1")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"shape={tuple(x.shape)} bf16, repeats={args.repeats}, "
+          f"load average={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
     t0 = time.perf_counter()
     hf_nvfp4.fake_quantize_nvfp4(x)
     print(f"first call (compile or cache load): {time.perf_counter() - t0:.1f} s")
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
-    times = {
-        "hf_nvfp4 fused": best_of(lambda: hf_nvfp4.fake_quantize_nvfp4(x), 2 * args.repeats, args.device),
-        "clone": best_of(lambda: x.clone(), args.repeats, args.device),
-    }
-    hf_nvfp4.set_compile_mode("0")
-    times["hf_nvfp4 eager"] = best_of(lambda: hf_nvfp4.fake_quantize_nvfp4(x), max(3, args.repeats // 5), args.device)
-    hf_nvfp4.set_compile_mode("auto")
+    contenders = {"hf_nvfp4 fused": lambda: hf_nvfp4.fake_quantize_nvfp4(x), "clone": lambda: x.clone()}
     ao = torchao_fn(x)
     if ao is not None:
-        times["torchao NVFP4Tensor"] = best_of(ao, max(3, args.repeats // 5), args.device)
+        contenders["torchao NVFP4Tensor"] = ao
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for fn in contenders.values():
+        fn()
+    for _ in range(args.repeats):
+        for k, fn in contenders.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    mode = hf_nvfp4.formats._compile.get_compile_mode()
+    hf_nvfp4.set_compile_mode("0")  # the same bits without torch.compile, for scale (three calls)
+    try:
+        eager = [time.perf_counter(), hf_nvfp4.fake_quantize_nvfp4(x), time.perf_counter()]
+        eager_s = eager[2] - eager[0]
+    finally:
+        hf_nvfp4.set_compile_mode(mode)
 
-    ours, clone = times["hf_nvfp4 fused"], times["clone"]
+    ours = times["hf_nvfp4 fused"]
     gbytes = 2 * x.numel() * x.element_size() / 1e9  # read x, write the result
-    for name, t in times.items():
-        print(f"{name:22s} {t * 1e3:9.2f} ms  {gbytes / t:8.1f} GB/s  {t / ours:7.2f}x ours")
-    print(f"ours / clone   = {ours / clone:.2f}x   (target <= 10x)")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:22s} {v * 1e3:9.2f} ms  {gbytes / v:8.2f} GB/s  {v / med['hf_nvfp4 fused']:7.2f}x ours")
+    print(f"{'hf_nvfp4 eager (1 run)':22s} {eager_s * 1e3:9.2f} ms")
+    res = {"ours_ms": med["hf_nvfp4 fused"] * 1e3,
+           "ours_over_clone": statistics.median(a / b for a, b in zip(ours, times["clone"], strict=True))}
+    print(f"ours / clone   = {res['ours_over_clone']:.2f}x  (median of per-round ratios; target <= 8x)")
     if ao is not None:
-        print(f"torchao / ours = {times['torchao NVFP4Tensor'] / ours:.1f}x   (target >= 25x)")
+        res["torchao_over_ours"] = statistics.median(a / b for a, b in zip(times["torchao NVFP4Tensor"], ours,
+                                                                          strict=True))
+        print(f"torchao / ours = {res['torchao_over_ours']:.1f}x  (median of per-round ratios; target >= 25x)")
+    return res
 
 
 if __name__ == "__main__":

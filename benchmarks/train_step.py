@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--hidden 1024] [--intermediate 2816] [--seq 512] [--batch 2]
                                     [--repeats 7] [--widths 512,1024,2048] [--width-repeats 3]
+                                    [--dtype auto|bf16|fp32]
 
 One default process (no allocator settings), the same model, weights and batch for every variant.
 Variants are timed in interleaved rounds (one step of each per round), so a busy machine slows them
@@ -17,6 +18,11 @@ median ratio and a 95% t-interval of the mean ratio.
   hidden): the quantization is linear in the width, the GEMMs quadratic, so the ratio falls;
 - memory: bytes of the tensors autograd saves for backward (activation memory), and on CUDA the
   peak allocated memory of one training step.
+
+Compute dtype: bf16 autocast, as in training, wherever bf16 GEMMs run at least half as fast as
+fp32 ones (every GPU, CPUs with AVX512-BF16 or AMX). ``--dtype auto`` measures that first; on a
+CPU without bf16 GEMMs (bf16 matmul falls back to a path 10-100x slower than fp32) it computes in
+fp32 instead and says so: bf16 GEMMs that slow would hide any cost of the emulation behind them.
 """
 
 from __future__ import annotations
@@ -60,6 +66,32 @@ def build(hidden: int, intermediate: int, seq: int, vocab: int, device: str):
     return base, every
 
 
+def _gflops(a: torch.Tensor, b: torch.Tensor, device: str) -> float:
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    a @ b
+    _sync(device)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t) / 1e9
+
+
+def choose_dtype(requested: str, device: str) -> tuple[torch.dtype, str]:
+    """(compute dtype, why): bf16 unless it is 'auto' and bf16 GEMMs are far slower than fp32 here."""
+    if requested != "auto":
+        return (torch.bfloat16 if requested == "bf16" else torch.float32), f"--dtype {requested}"
+    n = 512
+    x, w = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    fp32 = _gflops(x, w, device)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    # the layouts of a Linear's three GEMMs: x.W^T (fprop), dy.W (dgrad), dy^T.x (wgrad)
+    bf16 = min(_gflops(xb, wb.t(), device), _gflops(xb, wb, device), _gflops(xb.t(), wb, device))
+    why = f"bf16 GEMM {bf16:.0f} GFLOP/s (slowest layout) vs fp32 {fp32:.0f} GFLOP/s"
+    if bf16 >= 0.5 * fp32:
+        return torch.bfloat16, why + ": bf16 autocast"
+    return torch.float32, why + ": no fast bf16 GEMMs here, so fp32 (no autocast)"
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -68,14 +100,14 @@ def _sync(device: str) -> None:
 class Trainer:
     """One timed forward+backward, then an untimed SGD step (the weights change as in training)."""
 
-    def __init__(self, model, ids, device):
-        self.model, self.ids, self.device = model, ids, device
+    def __init__(self, model, ids, device, dtype=torch.bfloat16):
+        self.model, self.ids, self.device, self.dtype = model, ids, device, dtype
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-6)
 
     def step(self) -> float:
         _sync(self.device)
         t = time.perf_counter()
-        with torch.autocast(self.device, dtype=torch.bfloat16):
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             loss = self.model(input_ids=self.ids, labels=self.ids).loss
         loss.backward()
         _sync(self.device)
@@ -86,13 +118,13 @@ class Trainer:
 
 
 class Inference:
-    def __init__(self, model, ids, device):
-        self.model, self.ids, self.device = model, ids, device
+    def __init__(self, model, ids, device, dtype=torch.bfloat16):
+        self.model, self.ids, self.device, self.dtype = model, ids, device, dtype
 
     def step(self) -> float:
         _sync(self.device)
         t = time.perf_counter()
-        with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
             self.model(input_ids=self.ids)
         _sync(self.device)
         return time.perf_counter() - t
@@ -127,7 +159,7 @@ def report(title: str, times: dict[str, list[float]]) -> dict[str, tuple[float, 
     return out
 
 
-def saved_bytes(model, ids, device) -> int:
+def saved_bytes(model, ids, device, dtype=torch.bfloat16) -> int:
     """Bytes of the non-parameter tensors autograd saves for one backward (activation memory)."""
     total = 0
 
@@ -137,19 +169,20 @@ def saved_bytes(model, ids, device) -> int:
             total += t.numel() * t.element_size()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device, dtype=torch.bfloat16):
+    ac = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ac:
         model(input_ids=ids, labels=ids).loss.backward()
     model.zero_grad(set_to_none=True)
     return total
 
 
-def peak_mib(model, ids, device) -> float:
+def peak_mib(model, ids, device, dtype=torch.bfloat16) -> float:
     if device != "cuda":
         return float("nan")
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    Trainer(model, ids, device).step()
+    Trainer(model, ids, device, dtype).step()
     return torch.cuda.max_memory_allocated() / 2**20
 
 
@@ -164,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--widths", default="512,1024,2048", help="hidden sizes of the width trend ('' to skip)")
     ap.add_argument("--width-repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     args = ap.parse_args(argv)
 
     import hf_nvfp4
@@ -176,37 +210,41 @@ def main(argv: list[str] | None = None) -> dict:
           f"repeats={args.repeats} load average at start={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
     if dev == "cuda":
         print(f"gpu={torch.cuda.get_device_name()}")
-    results: dict = {}
+    dtype, why = choose_dtype(args.dtype, dev)
+    print(f"compute dtype: {dtype} ({why})")
+    results: dict = {"dtype": str(dtype)}
 
     base, every = build(args.hidden, args.intermediate, args.seq, args.vocab, dev)
     default = hf_nvfp4.convert_model(copy.deepcopy(base), hf_nvfp4.NVFP4Config())
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
-    models = {"unconverted (bf16 autocast)": base, "NVFP4 recipe (default BF16 blocks)": default,
+    models = {"unconverted": base, "NVFP4 recipe (default BF16 blocks)": default,
               "NVFP4 every block (headline)": every}
-    train = interleaved({k: Trainer(m, ids, dev) for k, m in models.items()}, args.repeats)
+    train = interleaved({k: Trainer(m, ids, dev, dtype) for k, m in models.items()}, args.repeats)
     results["train"] = report("Training step (forward + backward)", train)
-    infer = interleaved({k: Inference(models[k], ids, dev) for k in (list(models)[0], list(models)[2])},
+    infer = interleaved({k: Inference(models[k], ids, dev, dtype) for k in (list(models)[0], list(models)[2])},
                         args.repeats)
     results["inference"] = report("Inference forward under torch.no_grad()", infer)
 
     print(f"\n{'memory':40s} {'saved for backward':>20s} {'ratio':>7s} {'peak (CUDA)':>12s}")
     mem0 = None
     for k, m in models.items():
-        mem = saved_bytes(m, ids, dev) / 2**20
+        mem = saved_bytes(m, ids, dev, dtype) / 2**20
         mem0 = mem0 or mem
-        print(f"{k:40s} {mem:17.1f}MiB {mem / mem0:6.2f}x {peak_mib(m, ids, dev):10.1f}MiB")
+        print(f"{k:40s} {mem:17.1f}MiB {mem / mem0:6.2f}x {peak_mib(m, ids, dev, dtype):10.1f}MiB")
     del base, every, default, models
 
     widths = [int(w) for w in args.widths.split(",") if w.strip()]
     if widths:
         results["width"] = {}
-        print(f"\nWidth trend: every block NVFP4 / unconverted, training step, {args.width_repeats} rounds each")
+        print(f"\nWidth trend: every block NVFP4 / unconverted, training step, {args.width_repeats} rounds each "
+              f"(intermediate = 2.75 x hidden)")
         cols = ("unconverted", "every block")
         print(f"{'hidden':>7s} {'intermediate':>13s} {cols[0]:>12s} {cols[1]:>12s} {'ratio':>7s} {'95% CI':>16s}")
         for h in widths:
             inter = int(round(2.75 * h / 16)) * 16
             b, e = build(h, inter, args.seq, args.vocab, dev)
-            t = interleaved({"u": Trainer(b, ids, dev), "e": Trainer(e, ids, dev)}, args.width_repeats, warmup=1)
+            t = interleaved({"u": Trainer(b, ids, dev, dtype), "e": Trainer(e, ids, dev, dtype)}, args.width_repeats,
+                            warmup=1)
             ratios = [a / c for a, c in zip(t["e"], t["u"], strict=True)]
             lo, hi = t_interval(ratios)
             med_r = statistics.median(ratios)

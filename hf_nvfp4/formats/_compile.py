@@ -44,16 +44,18 @@ def get_compile_mode() -> str:
     return _mode
 
 
-def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,)) -> Callable:
+def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: bool = False) -> Callable:
     """Decorator: call ``fn`` compiled or eager, per the current mode.
 
     The first positional argument decides the size test. Only ``dims`` of the tensor
     arguments are compiled as dynamic sizes: block dims (16, 32, 128) stay static, so the
     inner loop is one fixed-width vector op, which is several times faster than a loop
-    over a symbolic width.
+    over a symbolic width. ``serial``: a CPU kernel over per-block values (1/16 of the
+    elements or fewer) runs on one thread: splitting it gains little, and on a busy machine
+    every parallel region can wait a scheduler tick (~4 ms) for its other threads.
     """
     if fn is None:
-        return lambda f: fused(f, dims=dims)
+        return lambda f: fused(f, dims=dims, serial=serial)
     state: dict = {"compiled": None, "failed": False}
 
     @functools.wraps(fn)
@@ -64,7 +66,7 @@ def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,)) -> Callab
         if not use or state["failed"] or torch.compiler.is_compiling():
             return fn(*args)
         if state["compiled"] is None:
-            state["compiled"] = torch.compile(fn, fullgraph=True)
+            state["compiled"] = torch.compile(fn, fullgraph=True, options={"cpp.threads": 1} if serial else None)
         for a in args:
             if isinstance(a, torch.Tensor):
                 for d in dims:

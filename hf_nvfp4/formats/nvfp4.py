@@ -114,12 +114,12 @@ def _block_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return xb.abs().amax(dim=dims).float()
 
 
-@fused(dims=(0,))
+@fused(dims=(0,), serial=True)
 def _max(x: torch.Tensor) -> torch.Tensor:
     return x.amax()
 
 
-@fused(dims=(0, 2))
+@fused(dims=(0, 2), serial=True)
 def _scales(vmax: torch.Tensor, mult: torch.Tensor, s_dec: torch.Tensor):
     """Steps 4-5: (E4M3 scale, the same as fp32, fp32 encode factor) per block.
 
