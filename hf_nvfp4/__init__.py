@@ -11,6 +11,7 @@ from .integrations.shadow import FP8ShadowCallback
 from .integrations.transformers import from_config
 from .integrations.transformers import register as _register_with_transformers
 from .nn import NVFP4Linear, convert_model, set_precision, unconvert_model
+from .nn.coverage import coverage
 
 __version__ = "0.1.0"
 _register_with_transformers()
@@ -24,6 +25,7 @@ __all__ = [
     "NVFP4Config",
     "NVFP4Linear",
     "convert_model",
+    "coverage",
     "set_precision",
     "unconvert_model",
     "NVFP4Tensor",

@@ -57,13 +57,16 @@ class NVFP4HfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register config and quantizer under ``"hf_nvfp4"`` (idempotent)."""
+    """Register config, quantizer and experts implementation under ``"hf_nvfp4"`` (idempotent)."""
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not NVFP4Config:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
         register_quantization_config(QUANT_METHOD)(NVFP4Config)
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not NVFP4HfQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(NVFP4HfQuantizer)
+    from .experts import register_experts  # MoE (issue 17): the "hf_nvfp4" experts implementation
+
+    register_experts()
 
 
 def attach_quantizer(model, config: NVFP4Config):

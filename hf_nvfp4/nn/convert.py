@@ -77,6 +77,10 @@ def plan_conversion(model: nn.Module, config: NVFP4Config) -> dict[str, str]:
             plan[name] = f"shape {mod.out_features}x{mod.in_features} not divisible by 16"
         else:
             plan[name] = "convert"
+    # MoE (issue 17): experts modules (3-D expert weights) and Linear routers, see nn/experts.py
+    from .experts import plan_experts
+
+    plan.update(plan_experts(model, config))
     return plan
 
 
@@ -103,7 +107,7 @@ def convert_model(model: nn.Module, config: NVFP4Config | None = None, *, rank: 
     converted = []
     for name, decision in plan.items():
         mod = modules[name]
-        if decision != "convert" or isinstance(mod, NVFP4Linear):
+        if decision != "convert" or not isinstance(mod, nn.Linear) or isinstance(mod, NVFP4Linear):
             continue
         mod.__class__ = NVFP4Linear
         mod._init_nvfp4(state)
@@ -126,7 +130,14 @@ def convert_model(model: nn.Module, config: NVFP4Config | None = None, *, rank: 
     for mod in converted:
         mod.backend = backend
     model.nvfp4_state = state
-    logger.info("hf_nvfp4: converted %d of %d Linear layers (%s backend: %s)", len(converted), len(plan), backend, why)
+    n_linear = sum(isinstance(modules[n], nn.Linear) for n in plan)
+    logger.info("hf_nvfp4: converted %d of %d Linear layers (%s backend: %s)", len(converted), n_linear, backend, why)
+    # MoE experts and the coverage report (issue 17): nn/experts.py, nn/coverage.py
+    from .coverage import log_coverage
+    from .experts import convert_experts
+
+    convert_experts(model, plan, state, backend)
+    log_coverage(model)
     return model
 
 
@@ -137,6 +148,9 @@ def unconvert_model(model: nn.Module) -> nn.Module:
             for attr in ("nvfp4_state", "_precision", "_forward_precision", "backend", "_te_module"):
                 mod.__dict__.pop(attr, None)
             mod.__class__ = nn.Linear
+    from .experts import unconvert_experts  # MoE (issue 17)
+
+    unconvert_experts(model)
     model.__dict__.pop("nvfp4_state", None)
     return model
 
@@ -164,4 +178,6 @@ def set_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
             else:
                 mod.forward_precision = None if precision == mod.precision else precision
             n += 1
-    return n
+    from .experts import set_experts_precision  # MoE (issue 17)
+
+    return n + set_experts_precision(model, precision, scope)
