@@ -72,6 +72,9 @@ def _task_manager(tasks: list[str], include_path):
 
 def _set_precision(model, precision):
     saved = [(m, m.precision, m.forward_precision) for m in model.modules() if isinstance(m, NVFP4Linear)]
+    # MoE (issue 17): converted experts carry the same precision / forward_precision fields
+    recs = [getattr(m, "nvfp4_experts", None) for m in model.modules()]
+    saved += [(r, r.precision, r.forward_precision) for r in recs if r is not None and r.converted]
     if precision is not None:
         if precision not in ("nvfp4", "bf16") and not saved:
             raise ValueError(f"precision must be 'nvfp4', 'bf16' or None, got {precision!r}")

@@ -58,8 +58,16 @@ class NVFP4Experts:
         return not self.converted or (self.precision == "bf16" and self.forward_precision in (None, "bf16"))
 
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def expert_params(mod: nn.Module) -> dict[str, nn.Parameter]:
-    """The module's own 3-D Parameters (empty for anything that is not an experts module)."""
+    """The module's own 3-D Parameters (empty for anything that is not an experts module).
+
+    Convolutions (e.g. Mamba's depthwise conv1d, weight [C, 1, k]) are not matmuls.
+    """
+    if isinstance(mod, CONVS):
+        return {}
     return {n: p for n, p in mod.named_parameters(recurse=False) if p.ndim == 3}
 
 
