@@ -65,6 +65,21 @@ def tiny_moe(arch: str, layers: int = 2, seed: int = 0, **overrides):
         )
     elif arch == "gpt_oss":
         cfg = GptOssConfig(intermediate_size=64, num_local_experts=8, head_dim=16, **moe, **base)
+    elif arch == "nemotron_h_moe":  # relu2 experts without a gate (has_gate=False)
+        cfg = NemotronHConfig(
+            layers_block_type=(["mamba", "attention", "moe"] * layers)[:layers],
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            moe_shared_expert_intermediate_size=32,
+            n_routed_experts=8,
+            head_dim=16,
+            mamba_num_heads=4,
+            mamba_head_dim=16,
+            ssm_state_size=16,
+            n_groups=1,
+            **moe,
+            **base,
+        )
     else:
         raise ValueError(arch)
     for k, v in overrides.items():

@@ -77,9 +77,9 @@ def test_coverage_conversion_and_state_dict(arch):
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["nemotron_h_moe"])
 def test_expert_forward_equals_per_expert_nvfp4(arch, monkeypatch):
-    model = hf_nvfp4.convert_model(tiny_moe(arch), ALL_NVFP4)
+    model = hf_nvfp4.convert_model(tiny_moe(arch, layers=3 if arch == "nemotron_h_moe" else 2), ALL_NVFP4)
     mod = experts_modules(model)[-1]
     x, idx, w = routing(mod)
     calls = []
@@ -151,9 +151,9 @@ def test_expert_weight_grads_match_per_expert_linear(arch):
     assert not torch.equal(other["down_proj"], grads["down_proj"])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["nemotron_h_moe"])
 def test_training_steps_loss_decreases(arch):
-    model = hf_nvfp4.convert_model(tiny_moe(arch), ALL_NVFP4)
+    model = hf_nvfp4.convert_model(tiny_moe(arch, layers=3 if arch == "nemotron_h_moe" else 2), ALL_NVFP4)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     start = [m.down_proj.detach().clone() for m in experts_modules(model)]
@@ -166,6 +166,31 @@ def test_training_steps_loss_decreases(arch):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.1, losses
     assert all(not torch.equal(m.down_proj, s) for m, s in zip(experts_modules(model), start, strict=True))
+
+
+def test_resume_replays_expert_training_exactly():
+    """Weights, optimizer and the model's SR stream restored -> the same losses, bit for bit."""
+    model = hf_nvfp4.convert_model(tiny_moe("qwen3_moe"), ALL_NVFP4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def steps(n):
+        out = []
+        for _ in range(n):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    steps(2)
+    ckpt = copy.deepcopy((model.state_dict(), opt.state_dict(), model.nvfp4_state.state_dict()))
+    first = steps(2)
+    model.load_state_dict(ckpt[0])
+    opt.load_state_dict(ckpt[1])
+    model.nvfp4_state.load_state_dict(ckpt[2])
+    assert steps(2) == first
 
 
 def _coverage_records(caplog):
