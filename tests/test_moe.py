@@ -324,6 +324,8 @@ def test_no_gate_toy_router_refusals_and_odd_shapes():
         assert (mod(x, idx, w) - ref).abs().max() <= 1e-6 * ref.abs().max()
         hf_nvfp4.set_precision(block, "bf16")  # falls back to the previous ("eager") implementation
         assert torch.equal(mod(x, idx, w), before["experts"](x, idx, w))
+    nested = nn.ModuleDict({"experts": _ToyExperts(cfg), "router": nn.ModuleDict({"gate": nn.Linear(32, 4)})})
+    assert plan_conversion(nested, ALL_NVFP4)["router.gate"] == "router"  # AFMoE's layout
     odd = tiny_moe("qwen3_moe", moe_intermediate_size=24)
     plan = plan_conversion(odd, ALL_NVFP4)
     assert plan["model.layers.0.mlp.experts"] == "shape 64x24 not divisible by 16"

@@ -112,7 +112,11 @@ def find_experts(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _routers(model: nn.Module, experts: dict[str, nn.Module]) -> set[str]:
-    """nn.Linear routers next to an experts module (e.g. ``mlp.gate``): they stay high precision."""
+    """nn.Linear routers of an experts module: they stay high precision.
+
+    A sibling named ``gate`` / ``router`` (e.g. ``mlp.gate``), or an nn.Linear inside such a
+    sibling (e.g. AFMoE's ``mlp.router.gate``), with one output per expert.
+    """
     modules = dict(model.named_modules())
     out = set()
     for name, mod in experts.items():
@@ -120,9 +124,12 @@ def _routers(model: nn.Module, experts: dict[str, nn.Module]) -> set[str]:
         n_experts = getattr(mod, "num_experts", None)
         for r in ROUTER_NAMES:
             full = f"{parent}.{r}" if parent else r
-            lin = modules.get(full)
-            if isinstance(lin, nn.Linear) and lin.out_features == n_experts:
-                out.add(full)
+            sib = modules.get(full)
+            if sib is None:
+                continue
+            for sub, lin in sib.named_modules(prefix=full):
+                if isinstance(lin, nn.Linear) and lin.out_features == n_experts:
+                    out.add(sub)
     return out
 
 
