@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import NVFP4Config
+from .ops.recipe import NVFP4Recipe
 from .recipe import PrecisionSwitchSection, Recipe, load_recipe
 
 # name -> (description, how to change the recipe)
@@ -39,7 +40,9 @@ def variant_recipe(base: Recipe, variant: str, seed: int, runs_dir: Path) -> Rec
     cfg = base.nvfp4 or NVFP4Config()
     nv = {
         "bf16": None,
-        "fp8": replace(cfg, format="fp8_block", bf16_first_blocks=1, bf16_last_blocks=2),
+        "fp8": NVFP4Config.from_recipe(
+            NVFP4Recipe.for_format("fp8_block", bf16_first_blocks=1, bf16_last_blocks=2, seed=cfg.seed)
+        ),
         "nvfp4": cfg,
         "no_rht": replace(cfg, disable_rht=True),
         "no_sr": replace(cfg, disable_stochastic_rounding=True),

@@ -18,7 +18,7 @@ import yaml
 
 from .config import NVFP4Config
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # inside the package: wheels ship them
 
 
 class RecipeError(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,20 +17,81 @@ from .recipe import Recipe
 logger = logging.getLogger("hf_nvfp4")
 
 
-def _offline_unless_needed(recipe: Recipe) -> None:
-    """No network unless the recipe names a hub source."""
-    if recipe.needs_network():
-        return
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    try:
-        import datasets
-        import huggingface_hub.constants as hc
+@contextlib.contextmanager
+def run_scope(recipe: Recipe, quiet: bool = False):
+    """Per-run process settings, restored on exit: offline switches (unless the recipe names a hub
+    source), the TensorBoard/W&B directories (inside this run's output dir), library verbosity and
+    progress bars, and the global RNGs the run seeds. Two runs in one process never share state."""
+    import random
 
-        hc.HF_HUB_OFFLINE = True
-        datasets.config.HF_HUB_OFFLINE = True
-    except (ImportError, AttributeError):
-        pass
+    import datasets
+    import huggingface_hub.constants as hc
+    import numpy as np
+    import transformers
+
+    env = {"TENSORBOARD_LOGGING_DIR": str(Path(recipe.output_dir) / "logs")}
+    if not recipe.needs_network():
+        env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if recipe.logging.wandb_project:
+        env["WANDB_PROJECT"] = recipe.logging.wandb_project
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved = (hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, transformers.logging.get_verbosity(),
+             datasets.is_progress_bar_enabled(), logger.level)
+    rng = (torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+    os.environ.update(env)
+    if "HF_HUB_OFFLINE" in env:
+        hc.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    if quiet:
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[0], saved[1]
+        transformers.logging.set_verbosity(saved[2])
+        (datasets.enable_progress_bars if saved[3] else datasets.disable_progress_bars)()
+        logger.setLevel(saved[4])
+        torch.random.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+
+
+def callbacks_from_recipe(recipe: Recipe) -> list:
+    """The callbacks a recipe asks for."""
+    from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
+
+    cbs: list = []
+    ps = recipe.precision_switch
+    if ps.at is not None:
+        cbs.append(PrecisionSwitchCallback(ps.at, to=ps.to, scope=ps.scope))
+    sh = recipe.fp8_shadow
+    if sh.enabled:
+        from .integrations.shadow import FP8ShadowCallback
+
+        cbs.append(FP8ShadowCallback(sh.mode, format=sh.format, reference=sh.reference))
+    if recipe.logging.health_every_n_steps and recipe.nvfp4 is not None:
+        cbs.append(QuantHealthCallback(recipe.logging.health_every_n_steps))
+    ev = recipe.evaluation
+    if ev.tasks:
+        from .integrations.lm_eval import LMEvalCallback
+
+        cbs.append(
+            LMEvalCallback(
+                ev.tasks,
+                ev.every_n_steps or None,
+                on_evaluate=not ev.every_n_steps,
+                include_path=ev.include_path,
+                limit=ev.limit,
+                batch_size=ev.batch_size,
+            )
+        )
+    return cbs
 
 
 def build_model(recipe: Recipe, vocab_size: int):
@@ -60,9 +122,6 @@ def training_arguments(recipe: Recipe, quiet: bool = False):
     decay = int(round(t.decay_fraction * t.max_steps))
     warmup = min(t.warmup_steps, t.max_steps - decay)
     report = [r for r in recipe.logging.report_to if r != "none"]
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(recipe.output_dir) / "logs"))
-    if "wandb" in report and recipe.logging.wandb_project:
-        os.environ.setdefault("WANDB_PROJECT", recipe.logging.wandb_project)
     return TrainingArguments(
         output_dir=recipe.output_dir,
         run_name=recipe.logging.run_name or recipe.name,
@@ -100,18 +159,15 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
     evaluate_at_end: also report the loss on the recipe's held-out split (``eval_loss``).
     quiet: no progress bars or summary print (for sweeps that show their own progress).
     """
-    if quiet:
-        import datasets
-        import transformers
+    with run_scope(recipe, quiet):
+        return _run(recipe, extra_callbacks, evaluate_at_end, quiet)
 
-        datasets.disable_progress_bars()
-        transformers.logging.set_verbosity_error()
-        logger.setLevel(logging.WARNING)
+
+def _run(recipe: Recipe, extra_callbacks, evaluate_at_end: bool, quiet: bool) -> dict:
     from transformers import Trainer, default_data_collator
 
     from .data import build_datasets, build_tokenizer
 
-    _offline_unless_needed(recipe)
     torch.manual_seed(recipe.training.seed)
     tokenizer = build_tokenizer(recipe)
     args = training_arguments(recipe, quiet)
@@ -119,8 +175,6 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
         train_ds, eval_ds = build_datasets(recipe, tokenizer)
     vocab = int(math.ceil(len(tokenizer) / 16) * 16)
     model = build_model(recipe, vocab)
-    from .integrations.callbacks import callbacks_from_recipe
-
     callbacks = callbacks_from_recipe(recipe) + list(extra_callbacks or [])
     trainer = Trainer(
         model=model,
@@ -130,6 +184,9 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
         data_collator=default_data_collator,
         callbacks=callbacks,
     )
+    for cb in callbacks:  # bound explicitly: callbacks never search for their Trainer
+        if hasattr(cb, "bind"):
+            cb.bind(trainer)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
         logger.warning(
             "hf_nvfp4: the accelerate config asks for FSDP, but accelerate enables FSDP only for GPU "

@@ -74,7 +74,8 @@ def test_switch_and_shadow_logs(full_run):
     state = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())
     assert any("loss_gap_vs_fp8" in h for h in state["log_history"])
     assert (out / "checkpoint-10" / "nvfp4_shadow.pt").exists()
-    assert (out / "checkpoint-10" / "nvfp4_sr_rng.pt").exists()
+    # the SR stream needs no side file: it follows torch's generator, which the Trainer saves
+    assert not (out / "checkpoint-10" / "nvfp4_sr_rng.pt").exists()
     # the shadow runs the paper's FP8 baseline numerics
     fmts = {m.precision for m in shadow.shadow.modules() if isinstance(m, NVFP4Linear)}
     assert fmts == {"fp8_block"}
@@ -149,8 +150,8 @@ def test_parity_plot(full_run, tmp_path):
 
 
 def test_recipe_maps_onto_callbacks():
-    from hf_nvfp4.integrations.callbacks import SRStateCallback, callbacks_from_recipe
     from hf_nvfp4.recipe import load_recipe
+    from hf_nvfp4.train import callbacks_from_recipe
 
     cbs = callbacks_from_recipe(
         load_recipe(
@@ -159,7 +160,7 @@ def test_recipe_maps_onto_callbacks():
     )
     assert [type(c).__name__ for c in cbs] == ["PrecisionSwitchCallback", "FP8ShadowCallback"]
     assert cbs[0].fraction == 0.82 and cbs[0].scope == "forward"
-    assert [type(c) for c in callbacks_from_recipe(load_recipe("tiny-cpu"))] == [SRStateCallback]
+    assert callbacks_from_recipe(load_recipe("tiny-cpu")) == []  # resume needs no callback
 
 
 def test_quant_health_statistics(tmp_path):
@@ -172,7 +173,12 @@ def test_quant_health_statistics(tmp_path):
         model[0].weight[0, 16] = 50.0
     stats = weight_health(model)
     assert stats["nvfp4_health/weight_underflow_max"] > 0
-    assert 0 <= stats["nvfp4_health/weight_saturated_mean"] <= 1
+    # random tiles: a few blocks whose E4M3 scale rounds down clamp their largest element
+    assert 0 < stats["nvfp4_health/weight_saturated_mean"] < 0.05
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)  # amax 0.5: every block scale is exactly 448, nothing clamps or underflows
+    assert weight_health(model)["nvfp4_health/weight_saturated_max"] == 0
+    assert weight_health(model)["nvfp4_health/weight_underflow_max"] == 0
     tr = _trainer(tmp_path, [QuantHealthCallback(every_n_steps=5)], max_steps=10)
     tr.args.save_strategy = "no"
     tr.train()

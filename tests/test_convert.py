@@ -77,8 +77,11 @@ def test_set_precision_scopes():
     assert all(m.precision == "bf16" and m.forward_precision is None for m in layers)
     with pytest.raises(ValueError, match="precision must be one of"):
         hf_nvfp4.set_precision(model, "fp4")
+    hf_nvfp4.set_precision(model, "nvfp4")
+    hf_nvfp4.set_precision(model, "bf16", scope="backward")  # the paper's control: Fprop stays NVFP4
+    assert all(m.precision == "bf16" and m.forward_precision == "nvfp4" for m in layers)
     with pytest.raises(ValueError, match="scope"):
-        hf_nvfp4.set_precision(model, "bf16", scope="backward")
+        hf_nvfp4.set_precision(model, "bf16", scope="sideways")
     with pytest.raises(ValueError, match="precision must be one of"):
         layers[0].precision = "int4"
 

@@ -69,7 +69,11 @@ def test_registry_shape_and_errors():
         y = fmt.fake_quantize(x)
         assert y.shape == x.shape and y.dtype == x.dtype
         assert torch.isfinite(y).all()
-        assert fmt.fake_quantize(x, rht=True).shape == x.shape
+        if fmt.rht_sizes:
+            assert fmt.fake_quantize(x, rht=True).shape == x.shape
+        else:  # a format without RHT says so instead of ignoring rht=True
+            with pytest.raises(ValueError, match="no random Hadamard transform"):
+                fmt.fake_quantize(x, rht=True)
     with pytest.raises(ValueError, match="unknown format 'fp16'.*mxfp4"):
         get_format("fp16")
     with pytest.raises(ValueError, match="stochastic rounding is only available"):
@@ -80,6 +84,25 @@ def test_registry_shape_and_errors():
         get_format("fp8_tensor").fake_quantize(x, tile=(1, 16))
     with pytest.raises(ValueError, match=r"\(1, 32\)"):
         get_format("mxfp4").fake_quantize(x, tile=(1, 16))
+    with pytest.raises(ValueError, match="supports sizes"):
+        get_format("mxfp4").fake_quantize(x, rht=True, rht_size=8)
+
+
+def test_mxfp4_rht_size_and_2d_tiles_take_effect():
+    """Every option of an MXFP4 recipe does something: rht_size changes the transform, 32x32 tiles
+    share one scale per tile (repeated on its rows), unlike 1x32 blocks."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 64, generator=g) * torch.logspace(-2, 2, 64)
+    fmt = get_format("mxfp4")
+    a, b = fmt.fake_quantize(x, rht=True, rht_size=16), fmt.fake_quantize(x, rht=True, rht_size=32)
+    assert a.shape == b.shape == x.shape and not torch.equal(a, b)
+    h32 = hf_nvfp4.formats.hadamard_matrix(32)
+    assert torch.allclose((b.view(-1, 32) @ h32.T).view(64, 64), x, rtol=0.3, atol=0.3 * x.abs().max().item())
+    q2 = fmt.quantize(x, tile=(32, 32))
+    s = q2.scale_values()  # [64, 2]: equal within each 32-row tile
+    assert torch.equal(s[:32], s[:1].expand(32, -1)) and torch.equal(s[32:], s[32:33].expand(32, -1))
+    assert not torch.equal(q2.dequantize(), fmt.fake_quantize(x))
+    assert torch.equal(q2.dequantize(), fmt.fake_quantize(x, tile=(32, 32)))
 
 
 def test_mxfp4_stochastic_unbiased():

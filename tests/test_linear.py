@@ -5,7 +5,11 @@ import reference as ref
 import torch
 
 import hf_nvfp4
-from hf_nvfp4.ops import GemmRecipe, quantized_linear
+from hf_nvfp4.ops import GemmPlan, NVFP4Recipe, quantized_linear
+
+
+def plan(fprop=None, backward=None, generator=None, **recipe):
+    return GemmPlan.from_recipe(NVFP4Recipe(**recipe), fprop, backward, generator)
 
 
 def deq(x, tile=(1, 16), rht=False):
@@ -40,7 +44,7 @@ def data():
 
 def test_three_gemms_match_recipe(data):
     x, w, b, dy = data
-    y, dx, dw, db = run(x, w, b, GemmRecipe(stochastic=False), dy)
+    y, dx, dw, db = run(x, w, b, plan(disable_stochastic_rounding=True), dy)
     wq = deq(w, (16, 16))
     close(y, deq(x) @ wq.T + b.double())
     close(dx, deq(dy) @ wq)
@@ -51,20 +55,20 @@ def test_three_gemms_match_recipe(data):
 def test_ablation_flags_change_exactly_their_part(data):
     x, w, b, dy = data
     # no 2D: W in 1x16 blocks along K for Fprop and along N for Dgrad
-    y, dx, dw, _ = run(x, w, b, GemmRecipe(stochastic=False, two_d=False), dy)
+    y, dx, dw, _ = run(x, w, b, plan(disable_stochastic_rounding=True, disable_2d_quantization=True), dy)
     close(y, deq(x) @ deq(w).T + b.double())
     close(dx, deq(dy) @ deq(w.T.contiguous()).T)
     # no RHT: Wgrad operands quantized along M without the transform
-    _, _, dw2, _ = run(x, w, b, GemmRecipe(stochastic=False, rht=False), dy)
+    _, _, dw2, _ = run(x, w, b, plan(disable_stochastic_rounding=True, disable_rht=True), dy)
     close(dw2, deq(dy.T.contiguous()) @ deq(x.T.contiguous()).T)
-    assert not torch.equal(dw2, run(x, w, b, GemmRecipe(stochastic=False), dy)[2])
+    assert not torch.equal(dw2, run(x, w, b, plan(disable_stochastic_rounding=True), dy)[2])
     # SR off is deterministic, SR on is not
     gen = torch.Generator().manual_seed(0)
-    a = run(x, w, b, GemmRecipe(generator=gen), dy)
-    c = run(x, w, b, GemmRecipe(generator=gen), dy)
+    a = run(x, w, b, plan(generator=gen), dy)
+    c = run(x, w, b, plan(generator=gen), dy)
     assert torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1]) and not torch.equal(a[2], c[2])
-    d1 = run(x, w, b, GemmRecipe(stochastic=False), dy)
-    d2 = run(x, w, b, GemmRecipe(stochastic=False), dy)
+    d1 = run(x, w, b, plan(disable_stochastic_rounding=True), dy)
+    d2 = run(x, w, b, plan(disable_stochastic_rounding=True), dy)
     assert torch.equal(d1[1], d2[1]) and torch.equal(d1[2], d2[2])
 
 
@@ -74,7 +78,7 @@ def test_stochastic_gradients_are_unbiased(data):
     n = 300
     dxs, dws = [], []
     for _ in range(n):
-        _, dx, dw, _ = run(x, w, None, GemmRecipe(generator=gen), dy)
+        _, dx, dw, _ = run(x, w, None, plan(generator=gen), dy)
         dxs.append(dx.double())
         dws.append(dw.double())
     dxs, dws = torch.stack(dxs), torch.stack(dws)
@@ -100,7 +104,7 @@ def test_autocast_bf16_and_odd_token_count():
     assert x.grad.dtype == torch.float32 and m[0].weight.grad.dtype == torch.float32
     # padding is exact: the same tokens padded with zero rows give the same Wgrad (SR off)
     hf_nvfp4.set_precision(m, "nvfp4")
-    m[0].nvfp4_state.config.disable_stochastic_rounding = True
+    hf_nvfp4.set_recipe(m, disable_stochastic_rounding=True)
     w, xs = m[0].weight, torch.randn(21, 64)
     g1 = torch.autograd.grad(m(xs).sum(), w)[0]
     xpad = torch.cat([xs, torch.zeros(11, 64)])
@@ -118,7 +122,7 @@ def test_saves_packed_not_bf16_copy():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        quantized_linear(x, w, None, GemmRecipe())
+        quantized_linear(x, w, None, plan())
     extra = [t for t in saved if t is not w]
     nbytes = sum(t.numel() * t.element_size() for t in extra if t is not None)
     assert nbytes < 0.6 * x.numel() + 0.6 * w.numel() + 64  # 4.5-bit codes+scales, vs 2 bytes/elem
@@ -128,14 +132,15 @@ def test_saves_packed_not_bf16_copy():
 def test_other_formats_and_bf16_through_same_machinery(data):
     x, w, b, dy = data
     for fmt in ("mxfp4", "fp8_block", "fp8_tensor", "mxfp8"):
-        y, dx, dw, db = run(x, w, b, GemmRecipe(fprop=fmt, backward=fmt, stochastic=False), dy)
+        r = NVFP4Recipe.for_format(fmt, disable_stochastic_rounding=True)
+        y, dx, dw, db = run(x, w, b, GemmPlan.from_recipe(r), dy)
         f = hf_nvfp4.get_format(fmt)
-        wt = f.weight_tile if fmt == "fp8_block" else f.act_tile
+        wt = f.weight_tile or f.act_tile
         close(y, f.fake_quantize(x).double() @ f.fake_quantize(w, tile=wt).double().T + b.double(), 1e-4)
         assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
-    y, dx, dw, db = run(x, w, b, GemmRecipe(fprop="bf16", backward="bf16"), dy)
+    y, dx, dw, db = run(x, w, b, plan("bf16", "bf16"), dy)
     close(y, x.double() @ w.double().T + b.double(), 1e-5)
     # forward-only switch: Fprop in bf16, backward still NVFP4
-    y2, dx2, _, _ = run(x, w, b, GemmRecipe(fprop="bf16", stochastic=False), dy)
+    y2, dx2, _, _ = run(x, w, b, plan("bf16", disable_stochastic_rounding=True), dy)
     close(y2, y, 1e-5)
     close(dx2, deq(dy) @ deq(w, (16, 16)))

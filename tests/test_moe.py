@@ -13,7 +13,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_imp
 import hf_nvfp4
 from hf_nvfp4 import NVFP4Config, fake_quantize_nvfp4
 from hf_nvfp4.nn import plan_conversion
-from hf_nvfp4.ops import GemmRecipe, quantized_linear
+from hf_nvfp4.ops import GemmPlan, NVFP4Recipe, quantized_linear
 
 ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
 ALL_NVFP4 = NVFP4Config(bf16_last_blocks=0)
@@ -122,7 +122,7 @@ def test_expert_weight_grads_match_per_expert_linear(arch):
     grads, dx = run_module(7)
     # Reference: the emulated NVFP4 linear applied per expert, leaf weights, the same SR stream.
     gen = torch.Generator().manual_seed(7)
-    recipe = GemmRecipe(generator=gen)
+    plan = GemmPlan.from_recipe(NVFP4Recipe(), generator=gen)
     xg = x.clone().requires_grad_()
     out, leaves = torch.zeros_like(x), {}
     for e in range(mod.num_experts):
@@ -131,7 +131,7 @@ def test_expert_weight_grads_match_per_expert_linear(arch):
             continue
         leaves[e] = [t.detach().clone().requires_grad_() if t is not None else None for t in weights(mod, e)]
         w1, b1, w2, b2 = leaves[e]
-        y = quantized_linear(gate(mod, quantized_linear(xg[tok], w1, b1, recipe)), w2, b2, recipe)
+        y = quantized_linear(gate(mod, quantized_linear(xg[tok], w1, b1, plan)), w2, b2, plan)
         out = out.index_add(0, tok, y * w[tok, pos, None])
     out.backward(dy)
     up_name = "gate_up_proj" if mod.has_gate else "up_proj"
@@ -169,7 +169,8 @@ def test_training_steps_loss_decreases(arch):
 
 
 def test_resume_replays_expert_training_exactly():
-    """Weights, optimizer and the model's SR stream restored -> the same losses, bit for bit."""
+    """Weights, optimizer, the model's NVFP4 state and torch's generator (which seeds the SR stream at
+    every training forward, and which Trainer checkpoints) restored -> the same losses, bit for bit."""
     model = hf_nvfp4.convert_model(tiny_moe("qwen3_moe"), ALL_NVFP4)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -186,10 +187,12 @@ def test_resume_replays_expert_training_exactly():
 
     steps(2)
     ckpt = copy.deepcopy((model.state_dict(), opt.state_dict(), model.nvfp4_state.state_dict()))
+    rng = torch.random.get_rng_state()
     first = steps(2)
     model.load_state_dict(ckpt[0])
     opt.load_state_dict(ckpt[1])
     model.nvfp4_state.load_state_dict(ckpt[2])
+    torch.random.set_rng_state(rng)
     assert steps(2) == first
 
 
@@ -260,7 +263,7 @@ def test_comparison_format_runs_experts_in_that_format():
     base = tiny_moe("mixtral")
     outs = {}
     for fmt in ("nvfp4", "mxfp4", "fp8_block"):
-        model = hf_nvfp4.convert_model(copy.deepcopy(base), NVFP4Config(bf16_last_blocks=0, format=fmt))
+        model = hf_nvfp4.convert_model(copy.deepcopy(base), NVFP4Recipe.for_format(fmt, bf16_last_blocks=0))
         mod = experts_modules(model)[0]
         assert mod.nvfp4_experts.precision == fmt and hf_nvfp4.coverage(model).format == fmt
         x, idx, w = routing(mod)

@@ -8,25 +8,20 @@ call stack of ``on_train_begin`` (or take it from :meth:`bind`).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-import os
 import re
-from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from ..config import PRECISIONS
+from ..formats.registry import PRECISIONS
 from ..nn.convert import set_precision
 from ..nn.linear import NVFP4Linear
-from ..recipe import Recipe
+from ._trainer import TrainerBound, unwrap
 
 logger = logging.getLogger("hf_nvfp4")
 _UNITS = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
-RNG_FILE = "nvfp4_sr_rng.pt"
-SHADOW_FILE = "nvfp4_shadow.pt"
 
 
 def parse_tokens(text: str | int | float) -> int:
@@ -39,32 +34,7 @@ def parse_tokens(text: str | int | float) -> int:
     return int(round(float(m.group(1)) * _UNITS[m.group(2).upper()]))
 
 
-class _TrainerBound(TrainerCallback):
-    trainer = None
-
-    def bind(self, trainer):
-        """Tell the callback its Trainer (otherwise found on the stack at train begin)."""
-        self.trainer = trainer
-        return self
-
-    def _find_trainer(self):
-        if self.trainer is not None:
-            return self.trainer
-        from transformers import Trainer
-
-        for frame in inspect.stack()[1:40]:
-            cand = frame.frame.f_locals.get("self")
-            if isinstance(cand, Trainer) and self in cand.callback_handler.callbacks:
-                self.trainer = cand
-                return cand
-        raise RuntimeError(f"{type(self).__name__}: could not find its Trainer; call .bind(trainer)")
-
-
-def _sr_state_path(ckpt: str) -> Path:
-    return Path(ckpt) / RNG_FILE
-
-
-class PrecisionSwitchCallback(_TrainerBound):
+class PrecisionSwitchCallback(TrainerBound):
     """Switch every NVFP4Linear to ``to`` (BF16) late in training: the paper's last-18% switch.
 
     switch_at: a fraction of max_steps (float in (0, 1)), an absolute step (int), or a token
@@ -74,7 +44,6 @@ class PrecisionSwitchCallback(_TrainerBound):
     scope: "all" (all three GEMMs) or "forward" (Fprop only, the cheap variant).
 
     Logs ``precision_switch_step`` once. Correct after resuming on either side of the switch.
-    It also saves and restores the stochastic-rounding stream with each checkpoint.
 
     >>> from hf_nvfp4 import PrecisionSwitchCallback
     >>> cb = PrecisionSwitchCallback(0.82)            # the last 18% of steps in BF16
@@ -124,22 +93,18 @@ class PrecisionSwitchCallback(_TrainerBound):
         logger.info("hf_nvfp4: switched %d NVFP4Linear layers to %s (scope=%s)", n, self.to, self.scope)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        trainer = self._find_trainer()
+        self._args = args
         self.switch_step = self._resolve(args, state)
-        _restore_sr_state(model, args, state)
         if self.tokens is not None and self.switch_step is None:
             self._hook = model.register_forward_pre_hook(self._measure, with_kwargs=True)
         if self.switch_step is not None and state.global_step >= self.switch_step and not self.switched:
             self._apply(model)  # resumed after the switch
-        self._trainer = trainer
 
     def _measure(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or not module.training:
             return
-        tr = self.trainer
-        world = tr.args.world_size if tr is not None else 1
-        accum = tr.args.gradient_accumulation_steps if tr is not None else 1
+        world, accum = self._args.world_size, self._args.gradient_accumulation_steps
         self.tokens_per_step = ids.numel() * world * accum
         self.switch_step = int(math.ceil(self.tokens / self.tokens_per_step))
         self._hook.remove()
@@ -154,82 +119,16 @@ class PrecisionSwitchCallback(_TrainerBound):
     def on_log(self, args, state, control, logs=None, **kwargs):
         pending, self._pending = getattr(self, "_pending", None), None
         if pending is not None:
-            self.trainer.log({"precision_switch_step": pending})
+            self.log_metrics(args, state, control, {"precision_switch_step": pending})
 
     def on_train_end(self, args, state, control, **kwargs):
         self.on_log(args, state, control)
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        _save_sr_state(model, args, state)
-
-
-def _checkpoint_dir(args, state) -> Path:
-    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
-
-
-def _save_sr_state(model, args, state) -> None:
-    st = getattr(_unwrap(model), "nvfp4_state", None)
-    if st is not None:  # every process saves its own stream (rank-suffixed file)
-        d = _checkpoint_dir(args, state)
-        d.mkdir(parents=True, exist_ok=True)
-        rank = int(os.environ.get("RANK", "0"))
-        torch.save(st.state_dict(), d / (RNG_FILE if rank == 0 else f"{RNG_FILE}.{rank}"))
-
-
-def _restore_sr_state(model, args, state) -> None:
-    st = getattr(_unwrap(model), "nvfp4_state", None)
-    if st is None or state.global_step == 0:
-        return
-    rank = int(os.environ.get("RANK", "0"))
-    f = _checkpoint_dir(args, state) / (RNG_FILE if rank == 0 else f"{RNG_FILE}.{rank}")
-    if f.exists():
-        st.load_state_dict(torch.load(f, weights_only=False))
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
 
 
 class SRStateCallback(TrainerCallback):
-    """Saves and restores the stochastic-rounding stream with each checkpoint (added by default)."""
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        _restore_sr_state(model, args, state)
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        _save_sr_state(model, args, state)
-
-
-def callbacks_from_recipe(recipe: Recipe) -> list:
-    """The callbacks a recipe asks for (always the SR-stream saver for converted models)."""
-    cbs: list = []
-    ps = recipe.precision_switch
-    if ps.at is not None:
-        cbs.append(PrecisionSwitchCallback(ps.at, to=ps.to, scope=ps.scope))
-    elif recipe.nvfp4 is not None:
-        cbs.append(SRStateCallback())
-    sh = recipe.fp8_shadow
-    if sh.enabled:
-        from .shadow import FP8ShadowCallback
-
-        cbs.append(FP8ShadowCallback(sh.mode, format=sh.format, reference=sh.reference))
-    if recipe.logging.health_every_n_steps and recipe.nvfp4 is not None:
-        cbs.append(QuantHealthCallback(recipe.logging.health_every_n_steps))
-    ev = recipe.evaluation
-    if ev.tasks:
-        from .lm_eval import LMEvalCallback
-
-        cbs.append(
-            LMEvalCallback(
-                ev.tasks,
-                ev.every_n_steps or None,
-                on_evaluate=not ev.every_n_steps,
-                include_path=ev.include_path,
-                limit=ev.limit,
-                batch_size=ev.batch_size,
-            )
-        )
-    return cbs
+    """Deprecated and inert: the SR stream needs no callback any more. It is re-seeded at every
+    training forward from torch's default generator, which the Trainer checkpoints itself."""
 
 
 def weight_health(model) -> dict[str, float]:
@@ -243,7 +142,7 @@ def weight_health(model) -> dict[str, float]:
 
     under, sat = [], []
     with torch.no_grad():
-        for m in _unwrap(model).modules():
+        for m in unwrap(model).modules():
             if not isinstance(m, NVFP4Linear) or m.precision != "nvfp4" or m.weight.is_meta:
                 continue
             w = m.weight.detach().float()
@@ -264,7 +163,7 @@ def weight_health(model) -> dict[str, float]:
     }
 
 
-class QuantHealthCallback(_TrainerBound):
+class QuantHealthCallback(TrainerBound):
     """Low-rate quantization health statistics of the weights, logged every ``every_n_steps``.
 
     >>> from hf_nvfp4.integrations.callbacks import QuantHealthCallback
@@ -280,10 +179,7 @@ class QuantHealthCallback(_TrainerBound):
         if state.global_step % self.every == 0:
             stats = weight_health(model)
             if stats:
-                tr = self._find_trainer()
-                should = control.should_log  # trainer.log resets it; keep this step's own log
-                tr.log(stats)
-                control.should_log = should
+                self.log_metrics(args, state, control, stats)
 
 
 __all__ = ["PrecisionSwitchCallback", "QuantHealthCallback", "SRStateCallback", "parse_tokens", "weight_health"]

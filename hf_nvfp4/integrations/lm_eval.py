@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..nn.linear import NVFP4Linear
-from .callbacks import _TrainerBound
+from ._trainer import TrainerBound
 
 logger = logging.getLogger("hf_nvfp4")
 TASK_SRC = Path(__file__).resolve().parent.parent / "tasks"
@@ -72,9 +72,6 @@ def _task_manager(tasks: list[str], include_path):
 
 def _set_precision(model, precision):
     saved = [(m, m.precision, m.forward_precision) for m in model.modules() if isinstance(m, NVFP4Linear)]
-    # MoE (issue 17): converted experts carry the same precision / forward_precision fields
-    recs = [getattr(m, "nvfp4_experts", None) for m in model.modules()]
-    saved += [(r, r.precision, r.forward_precision) for r in recs if r is not None and r.converted]
     if precision is not None:
         if precision not in ("nvfp4", "bf16") and not saved:
             raise ValueError(f"precision must be 'nvfp4', 'bf16' or None, got {precision!r}")
@@ -149,7 +146,7 @@ def evaluate_lm(
     return res
 
 
-class LMEvalCallback(_TrainerBound):
+class LMEvalCallback(TrainerBound):
     """Run lm-eval during training and log each task's metrics as ``lm_eval/<task>/<metric>``.
 
     Every ``every_n_steps`` steps and/or on each Trainer evaluation (``on_evaluate=True``).
@@ -189,26 +186,23 @@ class LMEvalCallback(_TrainerBound):
         self.tokenizer, self.trainer, self.history = tokenizer, None, []
         _task_manager(self.tasks, include_path)  # unknown tasks fail now, not hours into training
 
-    def _run(self, model, state, control):
-        tr = self._find_trainer()
-        if getattr(tr, "is_fsdp_enabled", False):
+    def _run(self, args, state, control, model, processing_class=None):
+        if getattr(self.trainer, "is_fsdp_enabled", False) or getattr(model, "_is_fsdp_managed_module", False):
             logger.warning("hf_nvfp4: LMEvalCallback skipped under FSDP; evaluate the saved checkpoint instead")
             return
-        tok = self.tokenizer or tr.processing_class
+        tok = self.tokenizer or processing_class
         if tok is None:
             raise ValueError("LMEvalCallback needs a tokenizer: pass tokenizer= or give the Trainer processing_class=")
         res = evaluate_lm(model, tok, self.tasks, **self.kw)
         metrics = headline_metrics(res) if res else {}
         if metrics:
             self.history.append((state.global_step, metrics))
-            should = control.should_log  # trainer.log resets it; keep this step's own log
-            tr.log(metrics)
-            control.should_log = should
+            self.log_metrics(args, state, control, metrics)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.every and state.global_step % self.every == 0:
-            self._run(model, state, control)
+            self._run(args, state, control, model, processing_class)
 
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.on_eval:
-            self._run(model, state, control)
+            self._run(args, state, control, model, processing_class)

@@ -10,21 +10,23 @@ from pathlib import Path
 
 import torch
 
-from ..config import PRECISIONS, NVFP4Config
+from ..formats.registry import PRECISIONS
 from ..nn.convert import convert_model, unconvert_model
-from .callbacks import SHADOW_FILE, _checkpoint_dir, _TrainerBound, _unwrap
+from ..ops.recipe import NVFP4Recipe
+from ._trainer import SHADOW_FILE, TrainerBound, checkpoint_dir, unwrap
 
 
 def _shadow_tag(fmt: str) -> str:
     return "bf16" if fmt == "bf16" else "fp8" if fmt.startswith("fp8") or fmt == "mxfp8" else fmt
 
 
-class FP8ShadowCallback(_TrainerBound):
+class FP8ShadowCallback(TrainerBound):
     """Judge NVFP4 by its loss relative to an FP8 (or BF16) run of the same model.
 
     mode="lockstep": a shadow copy of the model, identical at step 0, computes with the paper's
         FP8 baseline numerics (``format="fp8_block"``: E4M3, 1x128 activation/gradient blocks,
-        128x128 weight blocks; first block and last 2 blocks BF16), has its own AdamW with the
+        128x128 weight blocks; first block and last 2 blocks BF16; through Transformer Engine's
+        Float8BlockScaling where TE runs it, compute capability >= 9.0), has its own AdamW with the
         same hyperparameters and schedule, and trains on exactly the same micro-batches. Costs
         one more model, its optimizer state and gradients (about 2x the memory of the weights'
         training state) and about one more training step of compute per step.
@@ -73,19 +75,20 @@ class FP8ShadowCallback(_TrainerBound):
 
     # -- lockstep -----------------------------------------------------------------------------
     def _build_shadow(self, model, args, state):
-        base = _unwrap(model)
+        base = unwrap(model)
         shadow = copy.deepcopy(base)
         shadow.__dict__.pop("hf_quantizer", None)
         unconvert_model(shadow)
         if self.format != "bf16":
-            cfg = NVFP4Config(
-                format=self.format, bf16_first_blocks=self.first, bf16_last_blocks=self.last, backend="emulated"
+            # issue 12: TE's native FP8/MXFP8 recipe where the GPU supports it (Hopper too), else emulated
+            cfg = NVFP4Recipe.for_format(
+                self.format, bf16_first_blocks=self.first, bf16_last_blocks=self.last, backend="auto"
             )
-            convert_model(shadow, cfg, rank=int(os.environ.get("RANK", "0")))
+            convert_model(shadow, cfg)
         shadow.train()
-        from transformers import get_scheduler
+        from transformers import Trainer, get_scheduler
 
-        decay = set(self.trainer.get_decay_parameter_names(shadow))
+        decay = set(Trainer.get_decay_parameter_names(None, shadow))  # the Trainer's own rule
         named = [(n, p) for n, p in shadow.named_parameters() if p.requires_grad]
         groups = [
             {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
@@ -142,11 +145,10 @@ class FP8ShadowCallback(_TrainerBound):
 
     # -- callback events -----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._find_trainer()
         if self.mode == "lockstep" and self.shadow is None:
             self._build_shadow(model, args, state)
             if state.global_step > 0:
-                self._load(_checkpoint_dir(args, state))
+                self._load(checkpoint_dir(args, state))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.mode == "lockstep":
@@ -169,12 +171,15 @@ class FP8ShadowCallback(_TrainerBound):
         self._ema = gap if self._ema is None else self.smoothing * self._ema + (1 - self.smoothing) * gap
         self._logging = True
         try:
-            self.trainer.log(
+            self.log_metrics(
+                args,
+                state,
+                control,
                 {
                     f"shadow_{self.tag}_loss": ref,
                     f"loss_gap_vs_{self.tag}": gap,
                     f"loss_gap_vs_{self.tag}_smoothed": self._ema,
-                }
+                },
             )
         finally:
             self._logging = False
@@ -182,7 +187,7 @@ class FP8ShadowCallback(_TrainerBound):
     def on_save(self, args, state, control, **kwargs):
         if self.mode != "lockstep" or self.shadow is None:
             return
-        d = _checkpoint_dir(args, state)
+        d = checkpoint_dir(args, state)
         d.mkdir(parents=True, exist_ok=True)
         rank = int(os.environ.get("RANK", "0"))
         st = getattr(self.shadow, "nvfp4_state", None)

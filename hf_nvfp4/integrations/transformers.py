@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from ..config import QUANT_METHOD, NVFP4Config
+from ..nn import convert as _convert
 from ..nn.convert import convert_model, unconvert_model
+from .config import QUANT_METHOD, NVFP4Config
 
 
 class NVFP4HfQuantizer(HfQuantizer):
@@ -26,7 +27,9 @@ class NVFP4HfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: NVFP4Config, **kwargs):
         if isinstance(quantization_config, dict):
             quantization_config = NVFP4Config.from_dict(quantization_config)
-        super().__init__(quantization_config, **kwargs)
+        # The model computes with a frozen copy: later edits of the user's object cannot reach it.
+        recipe = quantization_config.to_recipe()
+        super().__init__(NVFP4Config.from_recipe(recipe, frozen=True), **kwargs)
 
     def validate_environment(self, *args, **kwargs) -> None:
         return None
@@ -35,10 +38,12 @@ class NVFP4HfQuantizer(HfQuantizer):
         return False  # master weights load unchanged
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        rank = int(__import__("os").environ.get("RANK", "0"))
-        return convert_model(model, self.quantization_config, rank=rank)
+        return convert_model(model, self.quantization_config)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        state = getattr(model, "nvfp4_state", None)
+        if state is not None:  # transformers may have set the caller's config object meanwhile
+            attach_quantizer(model, state)
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
@@ -57,7 +62,12 @@ class NVFP4HfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register config, quantizer and experts implementation under ``"hf_nvfp4"`` (idempotent)."""
+    """Register config, quantizer and experts implementation under ``"hf_nvfp4"``, and mark every
+    converted model (idempotent)."""
+    if attach_quantizer not in _convert.ON_CONVERT:
+        _convert.ON_CONVERT.append(attach_quantizer)
+    if detach_quantizer not in _convert.ON_UNCONVERT:
+        _convert.ON_UNCONVERT.append(detach_quantizer)
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not NVFP4Config:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
         register_quantization_config(QUANT_METHOD)(NVFP4Config)
@@ -69,13 +79,32 @@ def register() -> None:
     register_experts()
 
 
-def attach_quantizer(model, config: NVFP4Config):
-    """Mark a converted model as from_pretrained would: Trainer, save_pretrained and dequantize() then work."""
-    model.hf_quantizer = NVFP4HfQuantizer(config)
-    model.config.quantization_config = config
+def attach_quantizer(model, state) -> None:
+    """Mark a converted transformers model as from_pretrained would (frozen config, quantizer):
+    Trainer, save_pretrained (config.json records the recipe) and dequantize() then work."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return  # not a transformers model: nothing to mark
+    frozen = NVFP4Config.from_recipe(state.recipe, frozen=True)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if isinstance(quantizer, NVFP4HfQuantizer):
+        quantizer.quantization_config = frozen
+    else:
+        model.hf_quantizer = NVFP4HfQuantizer(frozen)
+    config.quantization_config = frozen
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-    return model
+
+
+def detach_quantizer(model) -> None:
+    """Undo attach_quantizer (after unconvert_model): the model is plain again."""
+    if isinstance(getattr(model, "hf_quantizer", None), NVFP4HfQuantizer):
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.__dict__.pop("quantization_method", None)
+        config = getattr(model, "config", None)
+        if isinstance(getattr(config, "quantization_config", None), NVFP4Config):
+            del config.quantization_config
 
 
 def from_config(config, nvfp4_config: NVFP4Config | None = None, **kwargs):
@@ -98,7 +127,6 @@ def from_config(config, nvfp4_config: NVFP4Config | None = None, **kwargs):
         raise TypeError(f"from_config: nvfp4_config must be an NVFP4Config, got {type(nvfp4_config).__name__}")
     if "quantization_config" in kwargs:
         raise TypeError("from_config: pass the recipe as nvfp4_config, not quantization_config")
+    recipe = nvfp4_config.to_recipe()  # bad options fail before the model is built
     model = AutoModelForCausalLM.from_config(config, **kwargs)
-    rank = int(__import__("os").environ.get("RANK", "0"))
-    convert_model(model, nvfp4_config, rank=rank)
-    return attach_quantizer(model, nvfp4_config)
+    return convert_model(model, recipe)

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import logging
+import os
+from collections.abc import Callable
 
 import torch.nn as nn
 
-from ..config import PRECISIONS, NVFP4Config
-from .linear import NVFP4Linear, RecipeState
+from ..formats.registry import PRECISIONS
+from ..ops.recipe import NVFP4Recipe, as_recipe, check_format
+from .linear import NVFP4Linear, NVFP4State, detach_states
 
 logger = logging.getLogger("hf_nvfp4")
 LM_HEAD_NAMES = ("lm_head", "embed_out", "output_layer", "score")
+# Run after every conversion with (model, state): the integrations layer registers here (e.g. to
+# attach the transformers quantizer), so every entry point gives the same kind of model.
+ON_CONVERT: list[Callable[[nn.Module, NVFP4State], None]] = []
+ON_UNCONVERT: list[Callable[[nn.Module], None]] = []
+# Extra plan entries for modules that are not nn.Linear, called as (model, recipe, ids of the modules
+# inside BF16 blocks) -> {name: "convert" or the reason}: MoE experts register here (issue 17,
+# nn/experts.py, which then converts them in an ON_CONVERT hook).
+ON_PLAN: list[Callable[[nn.Module, NVFP4Recipe, set[int]], dict[str, str]]] = []
 
 
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
@@ -47,16 +59,36 @@ def _lm_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
+def module_matches(name: str, pattern: str) -> bool:
+    """``pattern`` names this module or a parent of it: an exact (dotted) name, a parent prefix
+    (``"self_attn"``, ``"layers.1"``) or a glob (``"*.q_proj"``), matched at any depth."""
     parts = name.split(".")
-    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
-    return any(fnmatch.fnmatchcase(s, p) for p in patterns for s in suffixes)
+    for i in range(len(parts)):
+        s = ".".join(parts[i:])
+        if s == pattern or s.startswith(pattern + ".") or fnmatch.fnmatchcase(s, pattern):
+            return True
+    return False
 
 
-def plan_conversion(model: nn.Module, config: NVFP4Config) -> dict[str, str]:
+def _check_patterns(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    for p in patterns:
+        if not any(module_matches(n, p) for n in names):
+            short = sorted({".".join(n.split(".")[i:]) for n in names for i in range(len(n.split(".")))})
+            close = difflib.get_close_matches(p, short, n=4, cutoff=0.4)
+            raise ValueError(
+                f"modules_to_not_convert: {p!r} matches no module of this model"
+                + (f"; closest names: {close}" if close else "")
+                + ". Give module names, parent-module prefixes (e.g. 'self_attn', 'layers.1') or globs."
+            )
+
+
+def plan_conversion(model: nn.Module, config=None) -> dict[str, str]:
     """Decide, for every nn.Linear, ``"convert"`` or the reason it stays high precision."""
+    recipe = as_recipe(config)
+    _check_patterns(model, recipe.modules_to_not_convert)
     _, blocks = find_blocks(model)
-    first, last = config.resolved_bf16_blocks(len(blocks))
+    first, last = recipe.resolved_bf16_blocks(len(blocks))
     bf16_blocks = {id(b) for b in blocks[:first]} | {id(b) for b in blocks[len(blocks) - last :]}
     in_bf16_block = set()
     for b in blocks:
@@ -69,7 +101,7 @@ def plan_conversion(model: nn.Module, config: NVFP4Config) -> dict[str, str]:
             continue
         if name in heads:
             plan[name] = "lm_head"
-        elif _matches(name, config.modules_to_not_convert):
+        elif any(module_matches(name, p) for p in recipe.modules_to_not_convert):
             plan[name] = "modules_to_not_convert"
         elif id(mod) in in_bf16_block:
             plan[name] = "bf16 block"
@@ -77,51 +109,58 @@ def plan_conversion(model: nn.Module, config: NVFP4Config) -> dict[str, str]:
             plan[name] = f"shape {mod.out_features}x{mod.in_features} not divisible by 16"
         else:
             plan[name] = "convert"
-    # MoE (issue 17): experts modules (3-D expert weights) and Linear routers, see nn/experts.py
-    from .experts import plan_experts
-
-    plan.update(plan_experts(model, config))
+    for extend in ON_PLAN:  # MoE experts and Linear routers (issue 17)
+        plan.update(extend(model, recipe, in_bf16_block))
     return plan
 
 
-def convert_model(model: nn.Module, config: NVFP4Config | None = None, *, rank: int = 0) -> nn.Module:
+def _rank(rank: int | None) -> int:
+    return int(os.environ.get("RANK", "0")) if rank is None else rank
+
+
+def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> nn.Module:
     """Swap eligible ``nn.Linear`` layers of ``model`` for :class:`NVFP4Linear`, in place.
 
-    Embeddings and the LM head never convert; whole blocks at the ends stay BF16 as the
-    config says; layers with a dimension not divisible by 16 stay high precision (named in
-    one log line). Parameters are untouched, so the state_dict is exactly the original's.
+    ``config``: an :class:`hf_nvfp4.NVFP4Config` or :class:`NVFP4Recipe` (default: the paper's).
+    Embeddings and the LM head never convert; whole blocks at the ends stay BF16 as the recipe
+    says; layers with a dimension not divisible by 16 stay high precision (named in one log line).
+    Parameters are untouched, so the state_dict is exactly the original's. The recipe is frozen
+    here: change it with :func:`set_recipe`. A model converted before is re-planned whole with the
+    new recipe (never a mix of two). ``rank`` (default: $RANK) gives each process its own SR stream.
 
     >>> import torch.nn as nn, hf_nvfp4
-    >>> m = hf_nvfp4.convert_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)))
+    >>> m = hf_nvfp4.convert_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)),
+    ...                            hf_nvfp4.NVFP4Config(bf16_last_blocks=0))
     >>> type(m[0]).__name__
     'NVFP4Linear'
     """
-    config = config or NVFP4Config()
-    if not isinstance(config, NVFP4Config):
-        raise TypeError(f"convert_model: config must be an NVFP4Config, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model: model must be a torch.nn.Module, got {type(model).__name__}")
-    state = RecipeState(config, rank=rank)
-    plan = plan_conversion(model, config)
+    recipe = as_recipe(config)
+    check_format(recipe, recipe.format, "convert_model")
+    if getattr(model, "nvfp4_state", None) is not None or any(isinstance(m, NVFP4Linear) for m in model.modules()):
+        unconvert_model(model)  # re-plan the whole model: one recipe for every layer
+    plan = plan_conversion(model, recipe)
+    n_convert = sum(d == "convert" for d in plan.values())
+    if n_convert == 0:
+        reasons = sorted({d for d in plan.values()})
+        raise ValueError(
+            f"convert_model: no Linear layer of {type(model).__name__} can be converted "
+            f"({len(plan)} Linear layers; reasons: {reasons or ['the model has no nn.Linear']}). "
+            "Lower bf16_first_blocks/bf16_last_blocks or narrow modules_to_not_convert."
+        )
+    state = NVFP4State(recipe, rank=_rank(rank))
     modules = dict(model.named_modules())
     converted = []
     for name, decision in plan.items():
-        mod = modules[name]
-        if decision != "convert" or not isinstance(mod, nn.Linear) or isinstance(mod, NVFP4Linear):
-            continue
-        mod.__class__ = NVFP4Linear
-        mod._init_nvfp4(state)
-        converted.append(mod)
-    odd = [n for n, d in plan.items() if d.startswith("shape")]
-    if odd:
-        logger.warning(
-            "hf_nvfp4: %d Linear layer(s) stay high precision, a dimension not divisible by 16: %s",
-            len(odd),
-            ", ".join(odd),
-        )
+        if decision == "convert" and isinstance(modules[name], nn.Linear):  # ON_PLAN entries: their hooks
+            mod = modules[name]
+            mod.__class__ = NVFP4Linear
+            mod._init_nvfp4(state)
+            converted.append(mod)
     from .te_backend import select_backend
 
-    backend, why = select_backend(config, model)
+    backend, why = select_backend(recipe, model)
     if backend == "te":
         from .te_backend import attach_te
 
@@ -129,55 +168,95 @@ def convert_model(model: nn.Module, config: NVFP4Config | None = None, *, rank: 
             attach_te(mod)
     for mod in converted:
         mod.backend = backend
+    state.attach(model)
     model.nvfp4_state = state
-    n_linear = sum(isinstance(modules[n], nn.Linear) for n in plan)
-    logger.info("hf_nvfp4: converted %d of %d Linear layers (%s backend: %s)", len(converted), n_linear, backend, why)
-    # MoE experts and the coverage report (issue 17): nn/experts.py, nn/coverage.py
-    from .coverage import log_coverage
-    from .experts import convert_experts
-
-    convert_experts(model, plan, state, backend)
-    log_coverage(model)
+    for hook in ON_CONVERT:
+        hook(model, state)
+    if state.rank == 0:
+        odd = [n for n, d in plan.items() if d.startswith("shape")]
+        if odd:
+            logger.warning("hf_nvfp4: %d layer(s) stay high precision, a dimension not divisible by 16: %s",
+                           len(odd), ", ".join(odd))
+        n_linear = sum(isinstance(modules[n], nn.Linear) for n in plan)
+        logger.info("hf_nvfp4: converted %d of %d Linear layers (%s backend: %s)", len(converted), n_linear,
+                    backend, why)
     return model
 
 
 def unconvert_model(model: nn.Module) -> nn.Module:
     """Turn every NVFP4Linear back into a plain nn.Linear (same parameters), in place."""
+    from .te_backend import detach_te
+
     for mod in model.modules():
         if isinstance(mod, NVFP4Linear):
-            for attr in ("nvfp4_state", "_precision", "_forward_precision", "backend", "_te_module"):
+            detach_states(mod)
+            detach_te(mod)  # issue 12: every _te_* attribute
+            for attr in ("nvfp4_state", "backend"):
                 mod.__dict__.pop(attr, None)
             mod.__class__ = nn.Linear
-    from .experts import unconvert_experts  # MoE (issue 17)
-
-    unconvert_experts(model)
     model.__dict__.pop("nvfp4_state", None)
+    detach_states(model)
+    for hook in ON_UNCONVERT:
+        hook(model)
+    return model
+
+
+def set_recipe(model: nn.Module, recipe=None, **changes) -> nn.Module:
+    """Change a converted model's recipe: validated, applied to every layer (and to TE) alike.
+
+    ``recipe``: a whole new NVFP4Config/NVFP4Recipe, or None to start from the current one;
+    ``changes``: fields to replace. The model is re-planned (layer selection may change); the
+    precision switch is kept where the new recipe allows it.
+
+    >>> import torch.nn as nn, hf_nvfp4
+    >>> m = hf_nvfp4.convert_model(nn.Sequential(nn.Linear(32, 32)), hf_nvfp4.NVFP4Config(bf16_last_blocks=0))
+    >>> hf_nvfp4.set_recipe(m, disable_rht=True).nvfp4_state.recipe.disable_rht
+    True
+    """
+    state = getattr(model, "nvfp4_state", None)
+    if state is None:
+        raise ValueError("set_recipe: this model is not converted; call hf_nvfp4.convert_model(model, config) first")
+    new = (as_recipe(recipe) if recipe is not None else state.recipe).replace(**changes)
+    switch = (state.precision, state.forward_precision)
+    convert_model(model, new, rank=state.rank)
+    if switch != (state.recipe.format, None):
+        try:
+            model.nvfp4_state.set_precision(*switch)
+        except ValueError:
+            logger.warning("hf_nvfp4: set_recipe: the precision switch %s does not fit the new recipe; reset", switch)
     return model
 
 
 def set_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
-    """Set the precision of every NVFP4Linear in ``model``; returns how many changed.
+    """Set the precision of every NVFP4Linear in ``model``; returns how many layers it applies to.
 
     scope="all": all three GEMMs (the paper's late switch); scope="forward": Fprop only
-    (the cheap variant that recovers most of the gap).
+    (the cheap variant that recovers most of the gap); scope="backward": Dgrad and Wgrad only
+    (the paper's control, which recovers nothing).
 
     >>> import torch.nn as nn, hf_nvfp4
-    >>> m = hf_nvfp4.convert_model(nn.Sequential(nn.Linear(32, 32)))
+    >>> m = hf_nvfp4.convert_model(nn.Sequential(nn.Linear(32, 32)), hf_nvfp4.NVFP4Config(bf16_last_blocks=0))
     >>> hf_nvfp4.set_precision(m, "bf16", scope="forward")
     1
     """
     if precision not in PRECISIONS:
         raise ValueError(f"set_precision: precision must be one of {PRECISIONS}, got {precision!r}")
-    if scope not in ("all", "forward"):
-        raise ValueError(f"set_precision: scope must be 'all' or 'forward', got {scope!r}")
+    if scope not in ("all", "forward", "backward"):
+        raise ValueError(f"set_precision: scope must be 'all', 'forward' or 'backward', got {scope!r}")
+    states = {id(m.nvfp4_state): m.nvfp4_state for m in model.modules() if isinstance(m, NVFP4Linear)}
+    if getattr(model, "nvfp4_state", None) is not None:  # also switches layers that are not Linear (experts)
+        states[id(model.nvfp4_state)] = model.nvfp4_state
     n = 0
-    for mod in model.modules():
-        if isinstance(mod, NVFP4Linear):
-            if scope == "all":
-                mod.precision, mod.forward_precision = precision, None
-            else:
-                mod.forward_precision = None if precision == mod.precision else precision
-            n += 1
-    from .experts import set_experts_precision  # MoE (issue 17)
+    for st in states.values():
+        if scope == "all":
+            n += st.set_precision(precision, None)
+        elif scope == "forward":
+            n += st.set_precision(st.precision, None if precision == st.precision else precision)
+        else:  # Fprop keeps what it computed in; the backward GEMMs switch
+            fwd = st.forward_precision or st.precision
+            n += st.set_precision(precision, None if fwd == precision else fwd)
+    return n
 
-    return n + set_experts_precision(model, precision, scope)
+
+__all__ = ["NVFP4Recipe", "convert_model", "find_blocks", "plan_conversion", "set_precision", "set_recipe",
+           "unconvert_model", "module_matches"]

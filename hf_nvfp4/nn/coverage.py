@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch.nn as nn
 
-from .convert import plan_conversion
+from .convert import ON_CONVERT, plan_conversion
 from .experts import expert_matrices, expert_params, find_experts, uses_experts_interface
 from .linear import NVFP4Linear
 
@@ -143,8 +143,8 @@ def coverage(model: nn.Module) -> Coverage:
     to bf16, or the model not being converted at all.
     """
     state = getattr(model, "nvfp4_state", None)
-    plan = plan_conversion(model, state.config) if state is not None else {}
-    fmt = state.config.format if state is not None else "nvfp4"
+    plan = plan_conversion(model, state.recipe) if state is not None else {}
+    fmt = state.recipe.format if state is not None else "nvfp4"
     modules = dict(model.named_modules())
     experts = find_experts(model)
     out = Coverage(format=fmt)
@@ -186,8 +186,11 @@ def _reason(precision: str, converted: bool, decision: str) -> str:
     return "not converted" if decision == "convert" else decision
 
 
-def log_coverage(model: nn.Module) -> Coverage:
-    """Log the coverage line once; loudly (WARNING) when most matmul weights stay high precision."""
+def log_coverage(model: nn.Module, state=None) -> Coverage | None:
+    """Log the coverage line once (on rank 0); loudly (WARNING) when most matmul weights stay high
+    precision. Runs in ``ON_CONVERT``, after the experts are converted: every conversion reports."""
+    if state is not None and state.rank != 0:
+        return None
     cov = coverage(model)
     if cov.weights_total and cov.weight_share < 0.5:
         logger.warning(
@@ -196,3 +199,7 @@ def log_coverage(model: nn.Module) -> Coverage:
     else:
         logger.info("%s", cov.summary())
     return cov
+
+
+if log_coverage not in ON_CONVERT:
+    ON_CONVERT.append(log_coverage)

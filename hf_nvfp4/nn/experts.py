@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..config import PRECISIONS, NVFP4Config
 from ..ops.experts import quantized_experts
-from ..ops.linear import GemmRecipe
-from .convert import _matches, find_blocks
-from .linear import RecipeState
+from ..ops.linear import GemmPlan
+from ..ops.recipe import as_recipe
+from .convert import ON_CONVERT, ON_PLAN, ON_UNCONVERT, find_blocks, module_matches
+from .linear import NVFP4State
 
 logger = logging.getLogger("hf_nvfp4")
 EXPERTS_IMPLEMENTATION = "hf_nvfp4"
@@ -36,21 +36,32 @@ LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed")
 class NVFP4Experts:
     """What conversion attaches to an experts module (a plain attribute, never state_dict).
 
-    decision: ``"convert"`` or why the module stays in high precision; fallback: the
-    experts implementation the model used before (run for unconverted modules and after a
-    switch to bf16); precision / forward_precision: as on :class:`NVFP4Linear`.
+    decision: ``"convert"`` or why the module stays in high precision; fallback: the experts
+    implementation the model used before (run for unconverted modules and after a switch to
+    bf16); state: the model's shared :class:`NVFP4State` (recipe, SR stream, precision switch)
+    when converted.
     """
 
     decision: str
     fallback: str
-    state: RecipeState | None = None
-    precision: str = "nvfp4"
-    forward_precision: str | None = None
+    state: NVFP4State | None = None
     backend: str = "emulated"
 
     @property
     def converted(self) -> bool:
-        return self.decision == "convert"
+        return self.decision == "convert" and self.state is not None
+
+    @property
+    def precision(self) -> str:
+        return self.state.precision if self.converted else "bf16"
+
+    @property
+    def forward_precision(self) -> str | None:
+        return self.state.forward_precision if self.converted else None
+
+    def plan(self, device: torch.device) -> GemmPlan:
+        st = self.state
+        return GemmPlan.from_recipe(st.recipe, st.forward_precision or st.precision, st.precision, st.generator(device))
 
     @property
     def high_precision(self) -> bool:
@@ -133,24 +144,28 @@ def _routers(model: nn.Module, experts: dict[str, nn.Module]) -> set[str]:
     return out
 
 
-def plan_experts(model: nn.Module, config: NVFP4Config) -> dict[str, str]:
+def plan_experts(model: nn.Module, config=None, kept: set[int] | None = None) -> dict[str, str]:
     """Plan entries for experts modules (``"convert"`` or a reason) and ``"router"`` for Linear routers.
 
     Same rules, in the same order, as for Linear layers: modules_to_not_convert, BF16
-    blocks, then what the module itself allows (layout, dims divisible by 16).
+    blocks (``kept``: ids of the modules inside them; found here when None), then what the
+    module itself allows (layout, dims divisible by 16). Registered in ``ON_PLAN``, so
+    :func:`~hf_nvfp4.nn.plan_conversion` includes these entries.
     """
     experts = find_experts(model)
     if not experts:
         return {}
-    _, blocks = find_blocks(model)
-    first, last = config.resolved_bf16_blocks(len(blocks))
-    kept = set()
-    for b in blocks[:first] + blocks[len(blocks) - last :]:
-        kept |= {id(m) for m in b.modules()}
+    recipe = as_recipe(config)
+    if kept is None:
+        _, blocks = find_blocks(model)
+        first, last = recipe.resolved_bf16_blocks(len(blocks))
+        kept = set()
+        for b in blocks[:first] + blocks[len(blocks) - last :]:
+            kept |= {id(m) for m in b.modules()}
     plan = {name: "router" for name in _routers(model, experts)}
     for name, mod in experts.items():
         why = unsupported_reason(mod)
-        if _matches(name, config.modules_to_not_convert):
+        if any(module_matches(name, p) for p in recipe.modules_to_not_convert):
             plan[name] = "modules_to_not_convert"
         elif id(mod) in kept:
             plan[name] = "bf16 block"
@@ -162,13 +177,14 @@ def plan_experts(model: nn.Module, config: NVFP4Config) -> dict[str, str]:
     return plan
 
 
-def convert_experts(model: nn.Module, plan: dict[str, str], state: RecipeState, backend: str = "emulated") -> int:
+def convert_experts(model: nn.Module, state: NVFP4State, plan: dict[str, str] | None = None) -> int:
     """Attach :class:`NVFP4Experts` to every interface experts module; select ``"hf_nvfp4"``.
 
-    Returns the number of converted experts modules. The implementation is selected only on
-    configs whose experts have at least one converted module; the previous one is kept as
-    the fallback of every module.
+    Runs in ``ON_CONVERT`` (every conversion). Returns the number of converted experts
+    modules. The implementation is selected only on configs whose experts have at least one
+    converted module; the previous one is kept as the fallback of every module.
     """
+    plan = plan_experts(model, state.recipe) if plan is None else plan
     modules = dict(model.named_modules())
     found = [(n, modules[n]) for n in plan if n in modules and expert_params(modules[n])]
     found = [(n, m) for n, m in found if uses_experts_interface(m)]
@@ -182,19 +198,19 @@ def convert_experts(model: nn.Module, plan: dict[str, str], state: RecipeState, 
             fallback = old.fallback if old is not None else "grouped_mm"
         rec = NVFP4Experts(plan[name], fallback, state if plan[name] == "convert" else None)
         if rec.converted:
-            rec.precision, rec.backend = state.config.format, "emulated"
+            state.register(mod)  # set_precision on the state counts (and switches) it
             configs[id(cfg)] = cfg
             n += 1
         mod.nvfp4_experts = rec
     for cfg in configs.values():
         cfg._experts_implementation = EXPERTS_IMPLEMENTATION
-    if n and backend == "te":
+    if n and any(getattr(m, "backend", None) == "te" for m in model.modules()):
         logger.info("hf_nvfp4: experts run on the emulated path (TE's GroupedLinear is not wired)")
     return n
 
 
 def unconvert_experts(model: nn.Module) -> int:
-    """Drop the records and restore each config's previous experts implementation."""
+    """Drop the records and restore each config's previous experts implementation (``ON_UNCONVERT``)."""
     n = 0
     for mod in model.modules():
         rec = mod.__dict__.pop("nvfp4_experts", None)
@@ -205,36 +221,6 @@ def unconvert_experts(model: nn.Module) -> int:
         if getattr(cfg, "_experts_implementation", None) == EXPERTS_IMPLEMENTATION:
             cfg._experts_implementation = rec.fallback
     return n
-
-
-def set_experts_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
-    """:func:`hf_nvfp4.set_precision` for converted experts modules; returns how many changed."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"set_precision: precision must be one of {PRECISIONS}, got {precision!r}")
-    n = 0
-    for mod in model.modules():
-        rec = getattr(mod, "nvfp4_experts", None)
-        if rec is None or not rec.converted:
-            continue
-        if scope == "all":
-            rec.precision, rec.forward_precision = precision, None
-        else:
-            rec.forward_precision = None if precision == rec.precision else precision
-        n += 1
-    return n
-
-
-def _gemm_recipe(rec: NVFP4Experts, device: torch.device) -> GemmRecipe:
-    cfg = rec.state.config
-    return GemmRecipe(
-        fprop=rec.forward_precision or rec.precision,
-        backward=rec.precision,
-        rht=not cfg.disable_rht,
-        stochastic=not cfg.disable_stochastic_rounding,
-        two_d=not cfg.disable_2d_quantization,
-        rht_size=cfg.rht_size,
-        generator=rec.state.generator(device),
-    )
 
 
 def experts_forward(
@@ -251,9 +237,19 @@ def experts_forward(
         getattr(mod, up_name),
         mod.down_proj,
         mod._apply_gate if mod.has_gate else mod.act_fn,
-        _gemm_recipe(rec, hidden_states.device),
+        rec.plan(hidden_states.device),
         up_bias=getattr(mod, up_name + "_bias") if mod.has_bias else None,
         down_bias=mod.down_proj_bias if mod.has_bias else None,
         transposed=mod.is_transposed,
         post_norm=mod.post_expert_norm if getattr(mod, "has_post_expert_norm", False) else None,
     )
+
+
+def _register() -> None:
+    """Every conversion plans, converts and unconverts experts too (idempotent)."""
+    for hooks, fn in ((ON_PLAN, plan_experts), (ON_CONVERT, convert_experts), (ON_UNCONVERT, unconvert_experts)):
+        if fn not in hooks:
+            hooks.append(fn)
+
+
+_register()

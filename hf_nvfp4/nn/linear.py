@@ -2,40 +2,127 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import weakref
+
 import torch
 import torch.nn as nn
 
-from ..config import PRECISIONS, NVFP4Config
-from ..ops.linear import GemmRecipe, quantized_linear
+from ..formats.registry import PRECISIONS, get_format
+from ..ops.linear import GemmPlan, quantized_linear
+from ..ops.recipe import NVFP4Recipe, as_recipe, check_format
 
 
-class RecipeState:
-    """What all converted layers of one model share: the config and the SR random stream.
+class NVFP4State:
+    """What all converted layers of one model share: the frozen recipe, the stochastic-rounding
+    (SR) stream and the precision switch. One owner, one object per model (``model.nvfp4_state``).
 
-    One generator per device, seeded from ``config.seed`` (plus ``rank`` so processes draw
-    different streams). Backward runs in a fixed order, so the stream is reproducible; its
-    state can be saved and restored with :meth:`state_dict` / :meth:`load_state_dict`.
+    The SR stream is re-seeded at every training forward of the model from ``recipe.seed``, the
+    process rank and one number drawn from torch's default CPU generator. The Trainer and
+    Accelerate already save and restore that generator with every checkpoint, so a resumed run
+    draws exactly the same SR noise as an uninterrupted one, with no side file (TE likewise draws
+    its SR from the default CUDA generator). Within one forward/backward, layers draw in a fixed
+    order from one generator per device, so no two layers share noise.
     """
 
-    def __init__(self, config: NVFP4Config, rank: int = 0):
-        self.config = config
-        self.rank = rank
+    def __init__(self, recipe: NVFP4Recipe | None = None, rank: int = 0, salt: int = 0):
+        self._recipe = as_recipe(recipe)
+        self.rank, self.salt = rank, salt
+        self.precision = self._recipe.format  # the switch state, shared by every layer
+        self.forward_precision: str | None = None
         self._generators: dict[str, torch.Generator] = {}
+        self._base = self._mix(0)
+        self._layers: weakref.WeakSet = weakref.WeakSet()
+
+    # -- recipe ---------------------------------------------------------------------------------
+    @property
+    def recipe(self) -> NVFP4Recipe:
+        return self._recipe
+
+    @property
+    def config(self) -> NVFP4Recipe:
+        """The frozen recipe (older name)."""
+        return self._recipe
+
+    def set_recipe(self, recipe: NVFP4Recipe) -> None:
+        check_format(recipe, recipe.format, "set_recipe")
+        self._recipe = recipe
+
+    # -- stochastic rounding ----------------------------------------------------------------------
+    def _mix(self, draw: int) -> int:
+        key = f"{self._recipe.seed}:{self.rank}:{self.salt}:{draw}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+    def uses_stochastic(self) -> bool:
+        r = self._recipe
+        return not r.disable_stochastic_rounding and get_format(self.precision).stochastic
+
+    def begin_forward(self, module=None, args=None) -> None:
+        """Re-seed the SR stream for one training forward/backward (a forward pre-hook on the model)."""
+        if not torch.is_grad_enabled() or (module is not None and not module.training):
+            return
+        if not self.uses_stochastic():
+            return  # draws nothing: runs without SR leave torch's default generator untouched
+        draw = int(torch.randint(0, 2**62, (1,), generator=torch.default_generator))
+        self._base = self._mix(draw)
+        self._generators.clear()
 
     def generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
-        if key not in self._generators:
+        g = self._generators.get(key)
+        if g is None:
             g = torch.Generator(device=device)
-            g.manual_seed(self.config.seed + 1_000_003 * self.rank)
+            g.manual_seed(self._base ^ (hash(key) & 0xFFFF))
             self._generators[key] = g
-        return self._generators[key]
+        return g
+
+    def attach(self, module: nn.Module) -> None:
+        """Re-seed at every forward of ``module`` (the model that was converted)."""
+        detach_states(module)
+        module.register_forward_pre_hook(self.begin_forward)
+
+    # -- switch ---------------------------------------------------------------------------------
+    def set_precision(self, precision: str, forward_precision: str | None) -> int:
+        """Every layer of this model computes in ``precision`` (Fprop in ``forward_precision`` if given)."""
+        for p in (precision, forward_precision):
+            if p is not None:
+                _check_precision(p, "precision")
+                check_format(self._recipe, p, f"switching to {p!r}")
+        self.precision, self.forward_precision = precision, forward_precision
+        return len(self._layers)
+
+    def register(self, layer: NVFP4Linear) -> None:
+        self._layers.add(layer)
 
     def state_dict(self) -> dict:
-        return {k: g.get_state() for k, g in self._generators.items()}
+        """The switch state and the SR seed material (the SR draw itself comes from torch's generator)."""
+        return {"precision": self.precision, "forward_precision": self.forward_precision,
+                "base": self._base, "recipe": self._recipe.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, s in state.items():
-            self.generator(torch.device(k)).set_state(s)
+        for key in ("precision", "forward_precision", "base"):
+            if key not in state:
+                raise ValueError(f"NVFP4State.load_state_dict: missing {key!r} (not a saved NVFP4State)")
+        self.set_precision(state["precision"], state["forward_precision"])
+        self._base = int(state["base"])
+        self._generators.clear()
+
+
+RecipeState = NVFP4State  # older name
+
+
+def detach_states(module: nn.Module) -> None:
+    """Remove the re-seeding hooks of any NVFP4State from ``module`` (found by owner, so deep
+    copies of a model, whose hook handles would point at the original, are cleaned too)."""
+    for k, v in list(module._forward_pre_hooks.items()):
+        if isinstance(getattr(v, "__self__", None), NVFP4State):
+            del module._forward_pre_hooks[k]
+            module._forward_pre_hooks_with_kwargs.pop(k, None)
+
+# Each layer built by hand gets its own state with its own SR stream (a distinct salt), until
+# convert_model adopts it into its model's one shared state.
+_HAND_BUILT = itertools.count(1)
 
 
 def _check_precision(p: str, what: str) -> str:
@@ -45,12 +132,14 @@ def _check_precision(p: str, what: str) -> str:
 
 
 class NVFP4Linear(nn.Linear):
-    """nn.Linear computed with the NVFP4 recipe (or another format named by ``precision``).
+    """nn.Linear computed with the NVFP4 recipe (or another format: the layer's ``precision``).
 
-    ``precision`` applies to all three GEMMs; ``forward_precision`` (None = same) overrides
-    the Fprop GEMM alone, which is the paper's forward-only late switch. Models are
-    converted with :func:`hf_nvfp4.convert_model`, which swaps the class of existing
-    nn.Linear modules in place, so parameters, hooks and state_dict keys stay the same.
+    ``precision`` applies to all three GEMMs; ``forward_precision`` (None = same) overrides the
+    Fprop GEMM alone, which is the paper's forward-only late switch. Both live in the model's
+    shared :class:`NVFP4State`. Models are converted with :func:`hf_nvfp4.convert_model`, which
+    swaps the class of existing nn.Linear modules in place, so parameters, hooks and state_dict
+    keys stay the same. A layer built by hand has its own state and SR stream until
+    :func:`hf_nvfp4.convert_model` adopts it into its model's shared state.
 
     >>> import torch, hf_nvfp4
     >>> layer = hf_nvfp4.NVFP4Linear(64, 32)
@@ -58,61 +147,58 @@ class NVFP4Linear(nn.Linear):
     torch.Size([4, 32])
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-        config: NVFP4Config | None = None,
-    ):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 config=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_nvfp4(RecipeState(config or NVFP4Config()))
+        recipe = as_recipe(config)
+        check_format(recipe, recipe.format, "NVFP4Linear")
+        state = NVFP4State(recipe, salt=next(_HAND_BUILT))
+        state.attach(self)
+        self._init_nvfp4(state)
 
-    def _init_nvfp4(self, state: RecipeState) -> None:
+    def _init_nvfp4(self, state: NVFP4State) -> None:
         # Plain attributes, never parameters or buffers: the state_dict stays weight (+ bias).
         self.nvfp4_state = state
-        self.precision = state.config.format
-        self.forward_precision = None
+        state.register(self)
         self.backend = "emulated"
         self._te_module = None
 
     @property
+    def recipe(self) -> NVFP4Recipe:
+        return self.nvfp4_state.recipe
+
+    @property
     def precision(self) -> str:
-        return self._precision
+        return self.nvfp4_state.precision
 
     @precision.setter
     def precision(self, p: str) -> None:
-        self._precision = _check_precision(p, "NVFP4Linear.precision")
+        self.nvfp4_state.set_precision(_check_precision(p, "NVFP4Linear.precision"), self.forward_precision)
 
     @property
     def forward_precision(self) -> str | None:
-        return self._forward_precision
+        return self.nvfp4_state.forward_precision
 
     @forward_precision.setter
     def forward_precision(self, p: str | None) -> None:
-        self._forward_precision = None if p is None else _check_precision(p, "NVFP4Linear.forward_precision")
+        if p is not None:
+            _check_precision(p, "NVFP4Linear.forward_precision")
+        self.nvfp4_state.set_precision(self.precision, p)
 
-    def recipe(self, device: torch.device) -> GemmRecipe:
-        cfg = self.nvfp4_state.config
-        return GemmRecipe(
-            fprop=self._forward_precision or self._precision,
-            backward=self._precision,
-            rht=not cfg.disable_rht,
-            stochastic=not cfg.disable_stochastic_rounding,
-            two_d=not cfg.disable_2d_quantization,
-            rht_size=cfg.rht_size,
-            generator=self.nvfp4_state.generator(device),
-        )
+    def plan(self, device: torch.device) -> GemmPlan:
+        st = self.nvfp4_state
+        return GemmPlan.from_recipe(st.recipe, st.forward_precision or st.precision, st.precision,
+                                    st.generator(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._te_module is not None and self._precision == "nvfp4" and self._forward_precision is None:
+        if self.backend == "te":  # issue 12: the TE adapter takes the call, or None sends it to the emulation
             from .te_backend import te_forward
 
-            return te_forward(self, x)
-        return quantized_linear(x, self.weight, self.bias, self.recipe(x.device))
+            y = te_forward(self, x)
+            if y is not None:
+                return y
+        return quantized_linear(x, self.weight, self.bias, self.plan(x.device))
 
     def extra_repr(self) -> str:
-        fwd = f", forward_precision={self._forward_precision}" if self._forward_precision else ""
-        return f"{super().extra_repr()}, precision={self._precision}{fwd}, backend={self.backend}"
+        fwd = f", forward_precision={self.forward_precision}" if self.forward_precision else ""
+        return f"{super().extra_repr()}, precision={self.precision}{fwd}, backend={self.backend}"

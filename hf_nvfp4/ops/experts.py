@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from .linear import GemmRecipe, quantized_linear
+from .linear import GemmPlan, quantized_linear
 
 
 def _expert_weights(w: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, ...]:
@@ -38,7 +38,7 @@ def quantized_experts(
     up: torch.Tensor,
     down: torch.Tensor,
     activation: Callable[[torch.Tensor], torch.Tensor],
-    recipe: GemmRecipe,
+    plan: GemmPlan,
     *,
     up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
@@ -52,10 +52,11 @@ def quantized_experts(
     down: [E, H_out, I]; ``activation`` maps an expert's [m, N1] up output to [m, I] (the
     model's gate, e.g. ``act(gate) * up``, or a plain activation). Returns [T, H_out] in
     ``hidden_states``' dtype, summed over the k experts of each token like transformers'
-    ``grouped_mm`` implementation.
+    ``grouped_mm`` implementation. ``plan``: the role table and SR generator every expert GEMM
+    uses (each GEMM still computes its own tensor scales).
 
     >>> import torch
-    >>> from hf_nvfp4.ops import GemmRecipe
+    >>> from hf_nvfp4.ops import GemmPlan
     >>> from hf_nvfp4.ops.experts import quantized_experts
     >>> x = torch.randn(8, 32)
     >>> idx, w = torch.randint(0, 4, (8, 2)), torch.rand(8, 2)
@@ -63,7 +64,7 @@ def quantized_experts(
     >>> def swiglu(h):
     ...     g, u = h.chunk(2, dim=-1)
     ...     return torch.nn.functional.silu(g) * u
-    >>> quantized_experts(x, idx, w, up, down, swiglu, GemmRecipe()).shape
+    >>> quantized_experts(x, idx, w, up, down, swiglu, GemmPlan()).shape
     torch.Size([8, 32])
     """
     if up.ndim != 3 or down.ndim != 3 or up.shape[0] != down.shape[0]:
@@ -91,9 +92,9 @@ def quantized_experts(
     for e in range(n_experts):
         if counts[e] == 0:
             continue  # no tokens: no quantization, no GEMM
-        h = quantized_linear(chunks[e], w_up[e], None if b_up is None else b_up[e], recipe)
+        h = quantized_linear(chunks[e], w_up[e], None if b_up is None else b_up[e], plan)
         h = activation(h)
-        outs.append(quantized_linear(h, w_down[e], None if b_down is None else b_down[e], recipe))
+        outs.append(quantized_linear(h, w_down[e], None if b_down is None else b_down[e], plan))
     out_dim = down.shape[2] if transposed else down.shape[1]
     if not outs:
         return hidden_states.new_zeros(n_tokens, out_dim)

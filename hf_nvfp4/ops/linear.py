@@ -14,31 +14,35 @@ bf16 copy of the input. Bias and its gradient stay in high precision.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..formats.nvfp4 import NVFP4Tensor, nvfp4_gemm_operand, nvfp4_operand_from_packed, quantize_nvfp4
+from ..formats.nvfp4 import NVFP4Tensor
 from ..formats.registry import get_format
+from .recipe import NVFP4Recipe, QuantizerSpec, role_table
 
-FP4 = ("nvfp4", "mxfp4")
 
+@dataclass(frozen=True, eq=False)
+class GemmPlan:
+    """What one call of the quantized linear does: a quantizer spec for each of the six roles
+    (from the role table) and the generator that stochastic rounding draws from.
 
-@dataclass(eq=False)
-class GemmRecipe:
-    """What one call of the quantized linear does.
-
-    fprop / backward: format names for the forward GEMM and for Dgrad + Wgrad ("bf16" is
-    plain high precision). rht, stochastic and two_d apply where the format has them.
+    >>> from hf_nvfp4.ops import GemmPlan
+    >>> GemmPlan.from_recipe(NVFP4Recipe(), fprop="bf16").roles["fprop_input"].format
+    'bf16'
     """
 
-    fprop: str = "nvfp4"
-    backward: str = "nvfp4"
-    rht: bool = True
-    stochastic: bool = True
-    two_d: bool = True
-    rht_size: int = 16
+    roles: dict[str, QuantizerSpec] = field(default_factory=lambda: role_table(NVFP4Recipe()))
     generator: torch.Generator | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: NVFP4Recipe, fprop: str | None = None, backward: str | None = None,
+                    generator: torch.Generator | None = None) -> GemmPlan:
+        return cls(role_table(recipe, fprop, backward), generator)
+
+    def high_precision(self) -> bool:
+        return not any(get_format(s.format).quantizes for s in self.roles.values())
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -48,21 +52,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _operand(x2, fmt: str, weight_2d: bool, dtype, *, rht=False, stochastic=False, recipe=None):
+def _operand(x2: torch.Tensor, spec: QuantizerSpec, dtype, generator=None):
     """(values in dtype, per-tensor factor or None) for one GEMM operand, blocks along the last dim."""
-    if fmt == "bf16":
-        return x2.to(dtype), None
-    rht = rht and fmt in FP4
-    stochastic = stochastic and fmt in FP4
-    gen = recipe.generator if stochastic else None
-    if fmt == "nvfp4":
-        tile = (16, 16) if weight_2d else (1, 16)
-        return nvfp4_gemm_operand(
-            x2, tile=tile, rht=rht, stochastic=stochastic, generator=gen, rht_size=recipe.rht_size, dtype=dtype
-        )
-    f = get_format(fmt)
-    tile = f.weight_tile if weight_2d else f.act_tile
-    return f.fake_quantize(x2, tile=tile, rht=rht, stochastic=stochastic, generator=gen).to(dtype), None
+    return get_format(spec.format).gemm_operand(x2, spec, dtype, generator)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, ga, gb, out_dtype) -> torch.Tensor:
@@ -75,46 +67,51 @@ def _mm(a: torch.Tensor, b: torch.Tensor, ga, gb, out_dtype) -> torch.Tensor:
     return out.to(out_dtype)
 
 
-def _shares_weight(recipe: GemmRecipe) -> bool:
-    """2D tiles are symmetric under transposition, so Fprop and Dgrad can use one quantized W."""
-    return recipe.two_d and recipe.fprop == recipe.backward and recipe.fprop in ("nvfp4", "fp8_block")
+def _square(tile) -> bool:
+    return tile is not None and tile[0] == tile[1] and tile[0] > 1
+
+
+def _shares_weight(plan: GemmPlan) -> bool:
+    """A square 2D tile is symmetric under transposition: Fprop and Dgrad can use one quantized W."""
+    f, d = plan.roles["fprop_weight"], plan.roles["dgrad_weight"]
+    return f == d and _square(f.tile)
 
 
 class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe: GemmRecipe):
+    def forward(ctx, x, weight, bias, plan: GemmPlan):
         dtype = _compute_dtype(x)
+        roles = plan.roles
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
-        shared = _shares_weight(recipe)
-        xv, gx = _operand(x2, recipe.fprop, False, dtype, recipe=recipe)
+        shared = _shares_weight(plan)
+        xv, gx = _operand(x2, roles["fprop_input"], dtype)
+        wspec = roles["fprop_weight"]
         qw = None
-        if shared and recipe.fprop == "nvfp4":
-            qw = quantize_nvfp4(weight, tile=(16, 16))  # once per step, for Fprop and Dgrad
-            wv, gw = nvfp4_operand_from_packed(qw, dtype)
+        if shared:  # quantized once per step, for Fprop and Dgrad
+            qw = get_format(wspec.format).pack(weight, wspec, dtype)
+            wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
         else:
-            weight_2d = recipe.two_d and recipe.fprop in ("nvfp4", "fp8_block")
-            wv, gw = _operand(weight, recipe.fprop, weight_2d, dtype, recipe=recipe)
-            if shared:
-                qw = wv
+            wv, gw = _operand(weight, wspec, dtype)
         y = _mm(xv, wv.t(), gx, gw, dtype)
         if bias is not None:
             y = y + bias.to(dtype)
 
         # What Wgrad needs: x^T with blocks along the tokens, quantized (and transformed) now.
-        if not ctx.needs_input_grad[1]:
-            xt = None
-        elif recipe.backward == "nvfp4":
-            xt = quantize_nvfp4(x2.t(), rht=recipe.rht, rht_size=recipe.rht_size)
-        else:
-            xt = _operand(x2.t(), recipe.backward, False, dtype, rht=recipe.rht, recipe=recipe)[0]
-        ctx.recipe, ctx.dtype, ctx.shared = recipe, dtype, shared
+        xspec = roles["wgrad_input"]
+        xt = get_format(xspec.format).pack(x2.t(), xspec, dtype) if ctx.needs_input_grad[1] else None
+        ctx.plan, ctx.dtype, ctx.shared = plan, dtype, shared
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         ctx.xt_packed = isinstance(xt, NVFP4Tensor)
         ctx.qw_packed = isinstance(qw, NVFP4Tensor)
         saved = [weight]
         for t in (xt, qw):
-            saved += [t.data, t.scale, t.amax] if isinstance(t, NVFP4Tensor) else [t]
+            if isinstance(t, NVFP4Tensor):
+                saved += [t.data, t.scale, t.amax]
+            elif isinstance(t, tuple):  # (values, factor) of a format without packing
+                saved += [t[0], t[1]]
+            else:
+                saved += [t, None]
         ctx.save_for_backward(*saved)
         ctx.packed_meta = (
             (xt.shape, xt.tile, xt.rht) if ctx.xt_packed else None,
@@ -124,48 +121,47 @@ class _QuantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        recipe, dtype = ctx.recipe, ctx.dtype
+        plan, dtype = ctx.plan, ctx.dtype
+        roles = plan.roles
         saved = list(ctx.saved_tensors)
         weight = saved.pop(0)
-        xt = (
-            NVFP4Tensor(saved.pop(0), saved.pop(0), saved.pop(0), *ctx.packed_meta[0])
-            if ctx.xt_packed
-            else saved.pop(0)
-        )
-        qw = (
-            NVFP4Tensor(saved.pop(0), saved.pop(0), saved.pop(0), *ctx.packed_meta[1])
-            if ctx.qw_packed
-            else saved.pop(0)
-        )
+
+        def kept(packed, meta):
+            a, b = saved.pop(0), saved.pop(0)
+            if packed:
+                return NVFP4Tensor(a, b, saved.pop(0), *meta)
+            return None if a is None else (a, b)
+
+        xt = kept(ctx.xt_packed, ctx.packed_meta[0])
+        qw = kept(ctx.qw_packed, ctx.packed_meta[1])
         n = weight.shape[0]
         dy2 = dy.reshape(-1, n)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dyv, gdy = _operand(dy2, recipe.backward, False, dtype, stochastic=recipe.stochastic, recipe=recipe)
+            dyv, gdy = _operand(dy2, roles["dgrad_grad_output"], dtype, plan.generator)
+            wspec = roles["dgrad_weight"]
             if ctx.shared:
-                wv, gw = nvfp4_operand_from_packed(qw, dtype) if ctx.qw_packed else (qw, None)
+                wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
                 dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
-            elif recipe.two_d and recipe.backward in ("nvfp4", "fp8_block"):  # Fprop ran in another format
-                wv, gw = _operand(weight, recipe.backward, True, dtype, recipe=recipe)
+            elif _square(wspec.tile):  # 2D tiles, but Fprop ran in another format
+                wv, gw = _operand(weight, wspec, dtype)
                 dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
             else:  # W quantized along N for Dgrad
-                wtv, gwt = _operand(weight.t(), recipe.backward, False, dtype, recipe=recipe)
+                wtv, gwt = _operand(weight.t(), wspec, dtype)
                 dx = _mm(dyv, wtv[:, :n].t(), gdy, gwt, ctx.x_dtype)
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dytv, gdyt = _operand(
-                dy2.t(), recipe.backward, False, dtype, rht=recipe.rht, stochastic=recipe.stochastic, recipe=recipe
-            )
-            xtv, gxt = nvfp4_operand_from_packed(xt, dtype) if ctx.xt_packed else (xt, None)
+            dytv, gdyt = _operand(dy2.t(), roles["wgrad_grad_output"], dtype, plan.generator)
+            xtv, gxt = get_format(roles["wgrad_input"].format).operand_from_packed(xt, dtype)
             dw = _mm(dytv, xtv.t(), gdyt, gxt, weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(weight.dtype)
         return dx, dw, db, None
 
 
-def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: GemmRecipe):
-    """``F.linear`` with each GEMM in the recipe's formats (emulated, bit-faithful)."""
-    if recipe.fprop == "bf16" and recipe.backward == "bf16":
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan):
+    """``F.linear`` with each GEMM operand quantized as the plan's role table says (emulated, bit-faithful)."""
+    if plan.high_precision():
         dtype = _compute_dtype(x)
         return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    return _QuantizedLinear.apply(x, weight, bias, recipe)
+    return _QuantizedLinear.apply(x, weight, bias, plan)
