@@ -255,6 +255,9 @@ def test_layer_selection_late_switch_and_unconvert():
     hf_nvfp4.set_precision(model, "nvfp4")
     with torch.no_grad():
         assert torch.equal(model.model.layers[1].mlp.experts(x, idx, w), converted)
+    model.set_experts_implementation("eager")  # the user leaves the NVFP4 implementation: coverage says so
+    assert "experts implementation switched to 'eager'" in hf_nvfp4.coverage(model).high_precision()
+    model.set_experts_implementation("hf_nvfp4")
     hf_nvfp4.unconvert_model(model)
     assert model.config._experts_implementation == "grouped_mm" and not experts_modules(model)
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch.nn as nn
 
 from .convert import ON_CONVERT, plan_conversion
-from .experts import expert_matrices, expert_params, find_experts, uses_experts_interface
+from .experts import EXPERTS_IMPLEMENTATION, expert_matrices, expert_params, find_experts, uses_experts_interface
 from .linear import NVFP4Linear
 
 logger = logging.getLogger("hf_nvfp4")
@@ -161,6 +161,9 @@ def coverage(model: nn.Module) -> Coverage:
             rec = getattr(mod, "nvfp4_experts", None)
             conv = rec is not None and rec.converted
             prec = rec.precision if conv else "bf16"
+            impl = getattr(getattr(mod, "config", None), "_experts_implementation", EXPERTS_IMPLEMENTATION)
+            if conv and impl != EXPERTS_IMPLEMENTATION:  # e.g. model.set_experts_implementation() after conversion
+                prec, decision = "bf16", f"experts implementation switched to {impl!r}"
             n_experts = next(iter(expert_params(mod).values())).shape[0]
             if uses_experts_interface(mod) and "unsupported" not in decision:
                 (n1, k1), (n2, k2) = expert_matrices(mod)
@@ -181,6 +184,8 @@ def coverage(model: nn.Module) -> Coverage:
 def _reason(precision: str, converted: bool, decision: str) -> str:
     if precision != "bf16":
         return "converted"
+    if decision.startswith("experts implementation switched"):
+        return decision
     if converted:
         return "precision set to bf16 (set_precision)"
     return "not converted" if decision == "convert" else decision
