@@ -1,10 +1,10 @@
 """The paper's ablations at small scale: one command, paired seeds, a table and plots.
 
-    hf-nvfp4 ablate [RECIPE] [--seeds 0,1,2] [--variants ...] [--out docs/results]
+    hf-nvfp4 ablate [RECIPE] [--seeds 0,1,2] [--variants ...] [--out DIR] [--resume | --overwrite]
 
 Every variant of a seed starts from the same initial weights and sees the same batches, so
 differences between variants are paired. Finished runs are kept in ``runs.jsonl``; rerunning
-the command resumes the sweep where it stopped.
+the command with ``--resume`` continues the sweep where it stopped (or adds seeds/variants).
 """
 
 from __future__ import annotations
@@ -34,6 +34,28 @@ VARIANTS: dict[str, str] = {
     "switch_fwd": "NVFP4, Fprop to BF16 for the last 18% of steps",
 }
 SWITCH_AT = 0.82
+
+
+RESULT_FILES = ("runs.jsonl", "ablation.md", "ablation.json", "ablation_loss_curves.png", "ablation_relative_gap.png")
+
+
+def _protect(out: Path, resume: bool, overwrite: bool) -> None:
+    """Never add to or overwrite a previous sweep's results unasked."""
+    from .rundir import RunDirError
+
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other; pick one")
+    if not (out / "runs.jsonl").exists() or resume:
+        return
+    if overwrite:
+        for name in RESULT_FILES:
+            (out / name).unlink(missing_ok=True)
+        print(f"hf-nvfp4 ablate: --overwrite: removed the previous results in {out}", flush=True)
+        return
+    raise RunDirError(
+        f"{out} already holds ablation results (runs.jsonl); pass --resume to add the missing runs to them, "
+        "--overwrite to delete them and start over, or choose another --out"
+    )
 
 
 def variant_recipe(base: Recipe, variant: str, seed: int, runs_dir: Path) -> Recipe:
@@ -191,14 +213,20 @@ def ablate(
     recipe_name: str = "ablation-cpu",
     seeds=(0, 1, 2),
     variants=None,
-    out_dir="docs/results",
+    out_dir=None,
     overrides=None,
     command: str | None = None,
     runs_dir: str | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> list[dict]:
-    """Run (or resume) the sweep; writes runs.jsonl, ablation.md/json and the plots into ``out_dir``.
+    """Run the sweep; writes runs.jsonl, ablation.md/json and the plots into ``out_dir``.
 
-    Each run's checkpoint goes to ``runs_dir`` (default ``runs/ablate/<recipe>``), not beside the results.
+    out_dir defaults to ``runs/ablate/<recipe>/results``; each run's checkpoint goes to
+    ``runs_dir`` (default ``runs/ablate/<recipe>``). An ``out_dir`` that already holds a sweep
+    (runs.jsonl) is an error unless ``resume`` (add the missing runs to it) or ``overwrite``
+    (delete its results and start over).
     """
     from tqdm.auto import tqdm
 
@@ -209,9 +237,11 @@ def ablate(
     if len(seeds) < 1:
         raise ValueError("give at least one seed")
     base = load_recipe(recipe_name, overrides)
+    out_dir = out_dir or str(Path("runs") / "ablate" / base.name / "results")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
+    _protect(out, resume, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     done = {}
     if log.exists():
         for line in log.read_text().splitlines():

@@ -12,13 +12,20 @@ from pathlib import Path
 
 import torch
 
-from .recipe import Recipe
+from .recipe import RecipeFile
 
 logger = logging.getLogger("hf_nvfp4")
 
 
+def tensorboard_dir(recipe: RecipeFile) -> Path | None:
+    """Where TensorBoard events go: ``OUTPUT_DIR/logs``; None when ``logging.report_to`` has no tensorboard."""
+    if "tensorboard" not in recipe.logging.report_to:
+        return None
+    return Path(recipe.output_dir) / "logs"
+
+
 @contextlib.contextmanager
-def run_scope(recipe: Recipe, quiet: bool = False):
+def run_scope(recipe: RecipeFile, quiet: bool = False):
     """Per-run process settings, restored on exit: offline switches (unless the recipe names a hub
     source), the TensorBoard/W&B directories (inside this run's output dir), library verbosity and
     progress bars, and the global RNGs the run seeds. Two runs in one process never share state."""
@@ -29,7 +36,8 @@ def run_scope(recipe: Recipe, quiet: bool = False):
     import numpy as np
     import transformers
 
-    env = {"TENSORBOARD_LOGGING_DIR": str(Path(recipe.output_dir) / "logs")}
+    tb_dir = tensorboard_dir(recipe)
+    env = {"TENSORBOARD_LOGGING_DIR": str(tb_dir)} if tb_dir else {}
     if not recipe.needs_network():
         env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if recipe.logging.wandb_project:
@@ -62,7 +70,7 @@ def run_scope(recipe: Recipe, quiet: bool = False):
         np.random.set_state(rng[2])
 
 
-def callbacks_from_recipe(recipe: Recipe) -> list:
+def callbacks_from_recipe(recipe: RecipeFile) -> list:
     """The callbacks a recipe asks for."""
     from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
 
@@ -94,7 +102,7 @@ def callbacks_from_recipe(recipe: Recipe) -> list:
     return cbs
 
 
-def build_model(recipe: Recipe, vocab_size: int):
+def build_model(recipe: RecipeFile, vocab_size: int):
     """from_pretrained with NVFP4Config, or a fresh model from the recipe's architecture config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -115,7 +123,7 @@ def build_model(recipe: Recipe, vocab_size: int):
     return from_config(cfg, recipe.nvfp4, dtype=dtype, **trust)
 
 
-def training_arguments(recipe: Recipe, quiet: bool = False):
+def training_arguments(recipe: RecipeFile, quiet: bool = False):
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -153,17 +161,26 @@ def training_arguments(recipe: Recipe, quiet: bool = False):
     )
 
 
-def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = False, quiet: bool = False) -> dict:
+def run_recipe(
+    recipe: RecipeFile,
+    *,
+    extra_callbacks=None,
+    evaluate_at_end: bool = False,
+    quiet: bool = False,
+    resume_from_checkpoint: str | None = None,
+) -> dict:
     """Train per ``recipe``; returns the summary (also printed and written to summary.json).
 
     evaluate_at_end: also report the loss on the recipe's held-out split (``eval_loss``).
     quiet: no progress bars or summary print (for sweeps that show their own progress).
+    resume_from_checkpoint: a ``checkpoint-N`` directory to continue from
+    (:func:`hf_nvfp4.rundir.prepare_output_dir` picks it for the train command).
     """
     with run_scope(recipe, quiet):
-        return _run(recipe, extra_callbacks, evaluate_at_end, quiet)
+        return _run(recipe, extra_callbacks, evaluate_at_end, quiet, resume_from_checkpoint)
 
 
-def _run(recipe: Recipe, extra_callbacks, evaluate_at_end: bool, quiet: bool) -> dict:
+def _run(recipe: RecipeFile, extra_callbacks, evaluate_at_end: bool, quiet: bool, resume_from_checkpoint=None) -> dict:
     from transformers import Trainer, default_data_collator
 
     from .data import build_datasets, build_tokenizer
@@ -194,7 +211,7 @@ def _run(recipe: Recipe, extra_callbacks, evaluate_at_end: bool, quiet: bool) ->
             trainer.accelerator.distributed_type,
         )
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     elapsed = time.perf_counter() - start
     trainer.save_model(recipe.output_dir)
     tokenizer.save_pretrained(recipe.output_dir)
@@ -214,7 +231,7 @@ def _run(recipe: Recipe, extra_callbacks, evaluate_at_end: bool, quiet: bool) ->
         "seconds": elapsed,
         "world_size": args.world_size,
         "checkpoint": str(Path(recipe.output_dir).resolve()),
-        "logs": str(Path(os.environ["TENSORBOARD_LOGGING_DIR"]).resolve()),
+        "logs": str(tensorboard_dir(recipe).resolve()) if tensorboard_dir(recipe) else None,
         "nvfp4": recipe.nvfp4.to_dict() if recipe.nvfp4 is not None else None,
         "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
     }
@@ -244,6 +261,8 @@ def format_summary(s: dict) -> str:
             f"  loss        {first}{s['final_loss']:.4f}",
             f"  throughput  {s['tokens_per_s']:.0f} tokens/s ({s['tokens']} tokens in {s['seconds']:.0f} s)",
             f"  checkpoint  {s['checkpoint']}  (a plain HF checkpoint; import hf_nvfp4 to reload it converted)",
-            f"  logs        {s['logs']}  (tensorboard --logdir {s['logs']})",
+            f"  logs        {s['logs']}  (tensorboard --logdir {s['logs']})"
+            if s.get("logs")
+            else "  logs        none written (logging.report_to is empty); the loss curve is in summary.json",
         ]
     )

@@ -19,7 +19,7 @@ TINY = [
 ]
 
 
-def _run(out, seeds, variants="bf16,fp8,nvfp4,switch_fwd"):
+def _run(out, seeds, variants="bf16,fp8,nvfp4,switch_fwd", *extra):
     cmd = [
         sys.executable,
         "-m",
@@ -34,6 +34,7 @@ def _run(out, seeds, variants="bf16,fp8,nvfp4,switch_fwd"):
         str(out),
         "--runs-dir",
         str(out.parent / "ckpts"),
+        *extra,
     ]
     for o in TINY:
         cmd += ["--set", o]
@@ -50,7 +51,7 @@ def test_ablate_runs_resumes_and_writes(tmp_path):
     for s in (0, 1):
         first = [r["loss_curve"][0][1] for r in rows if r["seed"] == s]
         assert max(first) - min(first) < 0.05 * min(first)
-    res = _run(tmp_path, "0,1,2")
+    res = _run(tmp_path, "0,1,2", "bf16,fp8,nvfp4,switch_fwd", "--resume")
     assert "resuming, 8 run(s) already" in res.stdout
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 12

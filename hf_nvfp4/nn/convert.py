@@ -219,6 +219,7 @@ def set_recipe(model: nn.Module, recipe=None, **changes) -> nn.Module:
     new = (as_recipe(recipe) if recipe is not None else state.recipe).replace(**changes)
     switch = (state.precision, state.forward_precision)
     convert_model(model, new, rank=state.rank)
+    model.nvfp4_state.draw_generator = state.draw_generator  # the SR draw source stays the caller's
     if switch != (state.recipe.format, None):
         try:
             model.nvfp4_state.set_precision(*switch)
