@@ -13,6 +13,7 @@ from .integrations.shadow import FP8ShadowCallback
 from .integrations.transformers import from_config
 from .integrations.transformers import register as _register_with_transformers
 from .nn import NVFP4Linear, NVFP4State, convert_model, set_precision, set_recipe, unconvert_model
+from .nn.coverage import coverage
 from .ops.recipe import NVFP4Recipe
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "NVFP4State",
     "set_recipe",
     "convert_model",
+    "coverage",
     "set_precision",
     "unconvert_model",
     "NVFP4Tensor",

@@ -62,7 +62,8 @@ class NVFP4HfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register config and quantizer under ``"hf_nvfp4"``, and mark every converted model (idempotent)."""
+    """Register config, quantizer and experts implementation under ``"hf_nvfp4"``, and mark every
+    converted model (idempotent)."""
     if attach_quantizer not in _convert.ON_CONVERT:
         _convert.ON_CONVERT.append(attach_quantizer)
     if detach_quantizer not in _convert.ON_UNCONVERT:
@@ -73,6 +74,9 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not NVFP4HfQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(NVFP4HfQuantizer)
+    from .experts import register_experts  # MoE (issue 17): the "hf_nvfp4" experts implementation
+
+    register_experts()
 
 
 def attach_quantizer(model, state) -> None:

@@ -11,6 +11,10 @@ from .convert import (
 )
 from .linear import NVFP4Linear, NVFP4State, RecipeState
 
+# MoE experts and the coverage report (issue 17) hook into every conversion when imported.
+from . import experts as _experts  # noqa: E402, F401  (isort: skip)
+from . import coverage as _coverage  # noqa: E402, F401  (isort: skip)
+
 __all__ = [
     "NVFP4Linear",
     "NVFP4State",

@@ -20,6 +20,10 @@ LM_HEAD_NAMES = ("lm_head", "embed_out", "output_layer", "score")
 # attach the transformers quantizer), so every entry point gives the same kind of model.
 ON_CONVERT: list[Callable[[nn.Module, NVFP4State], None]] = []
 ON_UNCONVERT: list[Callable[[nn.Module], None]] = []
+# Extra plan entries for modules that are not nn.Linear, called as (model, recipe, ids of the modules
+# inside BF16 blocks) -> {name: "convert" or the reason}: MoE experts register here (issue 17,
+# nn/experts.py, which then converts them in an ON_CONVERT hook).
+ON_PLAN: list[Callable[[nn.Module, NVFP4Recipe, set[int]], dict[str, str]]] = []
 
 
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
@@ -105,6 +109,8 @@ def plan_conversion(model: nn.Module, config=None) -> dict[str, str]:
             plan[name] = f"shape {mod.out_features}x{mod.in_features} not divisible by 16"
         else:
             plan[name] = "convert"
+    for extend in ON_PLAN:  # MoE experts and Linear routers (issue 17)
+        plan.update(extend(model, recipe, in_bf16_block))
     return plan
 
 
@@ -147,7 +153,7 @@ def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> 
     modules = dict(model.named_modules())
     converted = []
     for name, decision in plan.items():
-        if decision == "convert":
+        if decision == "convert" and isinstance(modules[name], nn.Linear):  # ON_PLAN entries: their hooks
             mod = modules[name]
             mod.__class__ = NVFP4Linear
             mod._init_nvfp4(state)
@@ -169,9 +175,10 @@ def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> 
     if state.rank == 0:
         odd = [n for n, d in plan.items() if d.startswith("shape")]
         if odd:
-            logger.warning("hf_nvfp4: %d Linear layer(s) stay high precision, a dimension not divisible by 16: %s",
+            logger.warning("hf_nvfp4: %d layer(s) stay high precision, a dimension not divisible by 16: %s",
                            len(odd), ", ".join(odd))
-        logger.info("hf_nvfp4: converted %d of %d Linear layers (%s backend: %s)", len(converted), len(plan),
+        n_linear = sum(isinstance(modules[n], nn.Linear) for n in plan)
+        logger.info("hf_nvfp4: converted %d of %d Linear layers (%s backend: %s)", len(converted), n_linear,
                     backend, why)
     return model
 
@@ -238,6 +245,8 @@ def set_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
     if scope not in ("all", "forward", "backward"):
         raise ValueError(f"set_precision: scope must be 'all', 'forward' or 'backward', got {scope!r}")
     states = {id(m.nvfp4_state): m.nvfp4_state for m in model.modules() if isinstance(m, NVFP4Linear)}
+    if getattr(model, "nvfp4_state", None) is not None:  # also switches layers that are not Linear (experts)
+        states[id(model.nvfp4_state)] = model.nvfp4_state
     n = 0
     for st in states.values():
         if scope == "all":
