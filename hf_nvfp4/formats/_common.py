@@ -69,10 +69,7 @@ def check_generator(generator: object, fn: str) -> torch.Generator | None:
 
 def shape_2d(x: torch.Tensor) -> tuple[int, int]:
     """The shape :func:`as_2d` would give, without copying a non-contiguous ``x``."""
-    rows = 1
-    for n in x.shape[:-1]:
-        rows *= n
-    return rows, x.shape[-1]
+    return math.prod(x.shape[:-1]), x.shape[-1]
 
 
 def as_2d(x: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,6 @@ def hadamard_transform(x: torch.Tensor, size: int = 16) -> torch.Tensor:
             f"size={size}; pad it with zeros first (the transform is orthogonal, so zero padding "
             "on both GEMM operands leaves their product unchanged)"
         )
-    x2 = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])  # a 2D (possibly transposed) view stays a view
+    x2 = x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # a 2D view stays a view
     groups = x2.unflatten(-1, (-1, size))
     return _transform(groups, _sign_matrix(size, x.device), _scale(size)).view(x.shape)

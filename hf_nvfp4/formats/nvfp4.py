@@ -175,7 +175,7 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
         raise ValueError(f"{fn}: rht=True is for 1x16 operands (Wgrad); got tile={tile}")
     if rht:  # the transform reads a transposed (Wgrad) operand in place and writes it contiguous
         x2 = x.detach()
-        x2 = pad_2d(x2 if x2.ndim == 2 else x2.reshape(-1, x2.shape[-1]), (tile[0], max(tile[1], rht_size)), fn)
+        x2 = pad_2d(x2 if x2.ndim == 2 else x2.reshape(shape_2d(x2)), (tile[0], max(tile[1], rht_size)), fn)
         if x2.numel():
             x2 = hadamard_transform(x2, rht_size)
     else:
