@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width-repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    ap.add_argument("--width-only", action="store_true", help="only the width trend")
     args = ap.parse_args(argv)
 
     import hf_nvfp4
@@ -214,24 +215,25 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"compute dtype: {dtype} ({why})")
     results: dict = {"dtype": str(dtype)}
 
-    base, every = build(args.hidden, args.intermediate, args.seq, args.vocab, dev)
-    default = hf_nvfp4.convert_model(copy.deepcopy(base), hf_nvfp4.NVFP4Config())
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
-    models = {"unconverted": base, "NVFP4 recipe (default BF16 blocks)": default,
-              "NVFP4 every block (headline)": every}
-    train = interleaved({k: Trainer(m, ids, dev, dtype) for k, m in models.items()}, args.repeats)
-    results["train"] = report("Training step (forward + backward)", train)
-    infer = interleaved({k: Inference(models[k], ids, dev, dtype) for k in (list(models)[0], list(models)[2])},
-                        args.repeats)
-    results["inference"] = report("Inference forward under torch.no_grad()", infer)
+    if not args.width_only:
+        base, every = build(args.hidden, args.intermediate, args.seq, args.vocab, dev)
+        default = hf_nvfp4.convert_model(copy.deepcopy(base), hf_nvfp4.NVFP4Config())
+        models = {"unconverted": base, "NVFP4 recipe (default BF16 blocks)": default,
+                  "NVFP4 every block (headline)": every}
+        train = interleaved({k: Trainer(m, ids, dev, dtype) for k, m in models.items()}, args.repeats)
+        results["train"] = report("Training step (forward + backward)", train)
+        infer = interleaved({k: Inference(models[k], ids, dev, dtype) for k in (list(models)[0], list(models)[2])},
+                            args.repeats)
+        results["inference"] = report("Inference forward under torch.no_grad()", infer)
 
-    print(f"\n{'memory':40s} {'saved for backward':>20s} {'ratio':>7s} {'peak (CUDA)':>12s}")
-    mem0 = None
-    for k, m in models.items():
-        mem = saved_bytes(m, ids, dev, dtype) / 2**20
-        mem0 = mem0 or mem
-        print(f"{k:40s} {mem:17.1f}MiB {mem / mem0:6.2f}x {peak_mib(m, ids, dev, dtype):10.1f}MiB")
-    del base, every, default, models
+        print(f"\n{'memory':40s} {'saved for backward':>20s} {'ratio':>7s} {'peak (CUDA)':>12s}")
+        mem0 = None
+        for k, m in models.items():
+            mem = saved_bytes(m, ids, dev, dtype) / 2**20
+            mem0 = mem0 or mem
+            print(f"{k:40s} {mem:17.1f}MiB {mem / mem0:6.2f}x {peak_mib(m, ids, dev, dtype):10.1f}MiB")
+        del base, every, default, models
 
     widths = [int(w) for w in args.widths.split(",") if w.strip()]
     if widths:
