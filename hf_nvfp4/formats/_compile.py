@@ -44,19 +44,23 @@ def get_compile_mode() -> str:
     return _mode
 
 
-def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: bool = False) -> Callable:
+def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: bool | int = False) -> Callable:
     """Decorator: call ``fn`` compiled or eager, per the current mode.
 
     The first positional argument decides the size test. Only ``dims`` of the tensor
     arguments are compiled as dynamic sizes: block dims (16, 32, 128) stay static, so the
     inner loop is one fixed-width vector op, which is several times faster than a loop
-    over a symbolic width. ``serial``: a CPU kernel over per-block values (1/16 of the
-    elements or fewer) runs on one thread: splitting it gains little, and on a busy machine
-    every parallel region can wait a scheduler tick (~4 ms) for its other threads.
+    over a symbolic width.
+
+    ``serial`` (True, or a size in elements of the first argument below which it applies):
+    the CPU kernel runs on one thread. For per-block values (1/16 of the elements) and
+    cheap memory-bound passes over moderate tensors, splitting gains little, while on a
+    busy machine every parallel region can wait a scheduler tick (~4 ms) or more for its
+    other threads (measured: a 2 ms quantization took 30 ms with two threads under load).
     """
     if fn is None:
         return lambda f: fused(f, dims=dims, serial=serial)
-    state: dict = {"compiled": None, "failed": False}
+    state: dict = {"compiled": None, "serial": None, "failed": False}
 
     @functools.wraps(fn)
     def wrapper(*args):
@@ -65,15 +69,17 @@ def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: b
         use = _mode == "1" or (_mode == "auto" and args[0].numel() >= MIN_FUSED_NUMEL)
         if not use or state["failed"] or torch.compiler.is_compiling():
             return fn(*args)
-        if state["compiled"] is None:
-            state["compiled"] = torch.compile(fn, fullgraph=True, options={"cpp.threads": 1} if serial else None)
+        one_thread = serial is True or (serial is not False and args[0].numel() < serial)
+        key = "serial" if one_thread else "compiled"
+        if state[key] is None:
+            state[key] = torch.compile(fn, fullgraph=True, options={"cpp.threads": 1} if one_thread else None)
         for a in args:
             if isinstance(a, torch.Tensor):
                 for d in dims:
                     if d < a.ndim and a.shape[d] > 1:
                         torch._dynamo.maybe_mark_dynamic(a, d)
         try:
-            return state["compiled"](*args)
+            return state[key](*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
             state["failed"] = True
             logger.warning(

@@ -45,6 +45,8 @@ from .e2m1 import (
 from .hadamard import hadamard_transform
 
 NVFP4_TILES = ((1, 16), (16, 16))
+# Cheap passes over tensors below this many elements run on one CPU thread (see _compile.fused).
+SERIAL_BELOW = 1 << 22
 TENSOR_SCALE = 448.0 * 6.0  # 2688
 
 
@@ -104,7 +106,7 @@ def _tensor_scalars(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return mult, s_dec, amax / TENSOR_SCALE
 
 
-@fused(dims=(0, 2))
+@fused(dims=(0, 2), serial=SERIAL_BELOW)
 def _block_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Per-block max |x| as fp32 (NaN propagates): [B, 16] -> [B], or [M/16, 16, K/16, 16] -> [M/16, K/16].
 
@@ -154,7 +156,7 @@ def _round(xb, enc, seeds):
     return round_e2m1_stochastic(a, _random.hashed_uniform(seeds, a.shape, a.device)), v
 
 
-@fused(dims=(0, 2))
+@fused(dims=(0, 2), serial=SERIAL_BELOW)
 def _fake_nearest(xb, scale_f32, enc, g, dtype):
     q, v = _round(xb, enc, None)
     return ((signed(q, v) * scale_f32) * g).to(dtype)
@@ -166,7 +168,7 @@ def _fake_stochastic(xb, scale_f32, enc, g, dtype, seeds):
     return ((signed(q, v) * scale_f32) * g).to(dtype)
 
 
-@fused(dims=(0, 2))
+@fused(dims=(0, 2), serial=SERIAL_BELOW)
 def _codes_nearest(xb, enc):
     q, v = _round(xb, enc, None)
     return packed_codes(q, v)
