@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=_compare)
     a = sub.add_parser("ablate", help="the paper's ablations at small scale, paired over seeds, resumable")
     a.add_argument("recipe", nargs="?", default="ablation-cpu", help="recipe for the model and data (ablation-cpu)")
-    a.add_argument("--seeds", default="0,1,2")
+    a.add_argument("--seeds", default="0,1,2", help="comma-separated; add seeds to grow a finished sweep")
     a.add_argument(
         "--variants",
-        help="comma-separated subset of: bf16,fp8,nvfp4,no_rht,no_sr,no_2d,all_nvfp4,"
-        "mxfp4,switch_all,switch_fwd (default: all)",
+        help="comma-separated subset of: bf16,fp8,fp8_nvfp4_alloc,nvfp4,base,no_rht,no_sr,no_2d,all_nvfp4,"
+        "mxfp4,switch_all,switch_fwd,switch_bwd,sr_forward,rht_all (default: all)",
     )
     a.add_argument("--out", default="docs/results", help="where runs.jsonl, ablation.md and the plots go")
     a.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")

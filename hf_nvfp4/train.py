@@ -126,10 +126,13 @@ def training_arguments(recipe: Recipe, quiet: bool = False):
     )
 
 
-def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = False, quiet: bool = False) -> dict:
+def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = False, quiet: bool = False,
+               evaluate_bf16_at_end: bool = False) -> dict:
     """Train per ``recipe``; returns the summary (also printed and written to summary.json).
 
     evaluate_at_end: also report the loss on the recipe's held-out split (``eval_loss``).
+    evaluate_bf16_at_end: also the held-out loss of the trained weights computed in BF16
+        (``eval_loss_bf16``), as the paper's downstream evaluations of NVFP4-trained models.
     quiet: no progress bars or summary print (for sweeps that show their own progress).
     """
     if quiet:
@@ -196,6 +199,8 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
     }
     if evaluate_at_end and eval_ds is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if evaluate_bf16_at_end and eval_ds is not None:
+        summary["eval_loss_bf16"] = evaluate_in_bf16(trainer, model)
     ev = recipe.evaluation
     if ev.tasks and trainer.is_world_process_zero() and not trainer.is_fsdp_enabled:
         from .integrations.lm_eval import evaluate_lm, headline_metrics
@@ -210,6 +215,21 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
         if not quiet:
             print(format_summary(summary), flush=True)
     return summary
+
+
+def evaluate_in_bf16(trainer, model) -> float:
+    """Held-out loss with every converted layer computing in BF16; the switch state is restored."""
+    from .nn.convert import set_precision
+
+    st = getattr(model, "nvfp4_state", None)
+    if st is None:  # nothing converted: the model already computes in high precision
+        return trainer.evaluate(metric_key_prefix="eval_bf16")["eval_bf16_loss"]
+    saved = (st.precision, st.forward_precision)
+    set_precision(model, "bf16")
+    try:
+        return trainer.evaluate(metric_key_prefix="eval_bf16")["eval_bf16_loss"]
+    finally:
+        st.set_precision(*saved)
 
 
 def format_summary(s: dict) -> str:

@@ -41,7 +41,8 @@ class PrecisionSwitchCallback(TrainerBound):
         count (``"8.2T"``; or pass ``tokens=``). Tokens are converted to a step with
         ``tokens_per_step`` (or, if not given, the batch size x sequence length x accumulation
         x world size seen in the first batch).
-    scope: "all" (all three GEMMs) or "forward" (Fprop only, the cheap variant).
+    scope: "all" (all three GEMMs), "forward" (Fprop only, the cheap variant) or "backward"
+        (Dgrad and Wgrad only: the paper's control, which recovers nothing).
 
     Logs ``precision_switch_step`` once. Correct after resuming on either side of the switch.
 
@@ -57,8 +58,10 @@ class PrecisionSwitchCallback(TrainerBound):
             raise ValueError("PrecisionSwitchCallback: give exactly one of switch_at or tokens=")
         if to not in PRECISIONS:
             raise ValueError(f"PrecisionSwitchCallback: to must be one of {PRECISIONS}, got {to!r}")
-        if scope not in ("all", "forward"):
-            raise ValueError(f"PrecisionSwitchCallback: scope must be 'all' or 'forward', got {scope!r}")
+        if scope not in ("all", "forward", "backward"):
+            raise ValueError(
+                f"PrecisionSwitchCallback: scope must be 'all', 'forward' or 'backward', got {scope!r}"
+            )
         self.to, self.scope, self.tokens_per_step = to, scope, tokens_per_step
         self.fraction = self.step = self.tokens = None
         if tokens is not None or isinstance(switch_at, str):

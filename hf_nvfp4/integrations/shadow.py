@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..formats.registry import PRECISIONS
-from ..nn.convert import convert_model, unconvert_model
+from ..nn.convert import convert_model, find_blocks, unconvert_model
+from ..ops.baselines import FP8_ALLOCATIONS, fp8_baseline_recipe
 from ..ops.recipe import NVFP4Recipe
 from ._trainer import SHADOW_FILE, TrainerBound, checkpoint_dir, unwrap
 
@@ -25,12 +26,18 @@ class FP8ShadowCallback(TrainerBound):
 
     mode="lockstep": a shadow copy of the model, identical at step 0, computes with the paper's
         FP8 baseline numerics (``format="fp8_block"``: E4M3, 1x128 activation/gradient blocks,
-        128x128 weight blocks; first block and last 2 blocks BF16), has its own AdamW with the
+        128x128 weight blocks; BF16 blocks as ``allocation`` says), has its own AdamW with the
         same hyperparameters and schedule, and trains on exactly the same micro-batches. Costs
         one more model, its optimizer state and gradients (about 2x the memory of the weights'
         training state) and about one more training step of compute per step.
     mode="reference": reads a finished run's trainer_state.json (or a CSV with step[,tokens],loss)
         and logs the gap at matching steps, for free.
+
+    allocation: which blocks of the shadow stay BF16. ``"paper"`` (default): the paper's FP8
+        baseline as a share of the model's blocks (first 1 and last 2 of 62, about 5%; none of a
+        4-block model); ``"nvfp4"``: the same blocks as the trained NVFP4 model, so the gap
+        measures the number format alone. Explicit ``bf16_first_blocks``/``bf16_last_blocks``
+        override both.
 
     At each logging step it logs ``shadow_fp8_loss``, ``loss_gap_vs_fp8`` =
     (loss - shadow_fp8_loss) / shadow_fp8_loss and ``loss_gap_vs_fp8_smoothed`` (an EMA); with
@@ -49,8 +56,9 @@ class FP8ShadowCallback(TrainerBound):
         format: str = "fp8_block",
         reference: str | os.PathLike | None = None,
         smoothing: float = 0.9,
-        bf16_first_blocks: int = 1,
-        bf16_last_blocks: int = 2,
+        bf16_first_blocks: int | None = None,
+        bf16_last_blocks: int | None = None,
+        allocation: str = "paper",
     ):
         if mode not in ("lockstep", "reference"):
             raise ValueError(f"FP8ShadowCallback: mode must be 'lockstep' or 'reference', got {mode!r}")
@@ -62,7 +70,9 @@ class FP8ShadowCallback(TrainerBound):
             raise ValueError(f"FP8ShadowCallback: smoothing must be in [0, 1), got {smoothing}")
         self.mode, self.format, self.smoothing = mode, format, smoothing
         self.tag = _shadow_tag(format)
-        self.first, self.last = bf16_first_blocks, bf16_last_blocks
+        if allocation not in FP8_ALLOCATIONS:
+            raise ValueError(f"FP8ShadowCallback: allocation must be one of {FP8_ALLOCATIONS}, got {allocation!r}")
+        self.first, self.last, self.allocation = bf16_first_blocks, bf16_last_blocks, allocation
         self.reference = load_reference_losses(reference) if mode == "reference" else None
         if mode == "lockstep" and reference is not None:
             raise ValueError("FP8ShadowCallback: reference= is for mode='reference'")
@@ -79,8 +89,13 @@ class FP8ShadowCallback(TrainerBound):
         shadow.__dict__.pop("hf_quantizer", None)
         unconvert_model(shadow)
         if self.format != "bf16":
+            n_blocks = len(find_blocks(shadow)[1])
+            like = getattr(base, "nvfp4_state", None)
+            alloc = fp8_baseline_recipe(n_blocks, self.allocation, like=like.recipe if like else None)
+            first = alloc.bf16_first_blocks if self.first is None else self.first
+            last = alloc.bf16_last_blocks if self.last is None else self.last
             cfg = NVFP4Recipe.for_format(
-                self.format, bf16_first_blocks=self.first, bf16_last_blocks=self.last, backend="emulated"
+                self.format, bf16_first_blocks=first, bf16_last_blocks=last, backend="emulated"
             )
             convert_model(shadow, cfg)
         shadow.train()

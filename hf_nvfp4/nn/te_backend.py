@@ -14,6 +14,8 @@ import logging
 
 import torch
 
+from ..ops.recipe import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES
+
 logger = logging.getLogger("hf_nvfp4")
 MIN_TE = (2, 8)
 
@@ -33,6 +35,10 @@ def te_unsupported_reason(config) -> str | None:
         return f"format={config.format!r} runs on the emulated backend (TE is used for nvfp4 only)"
     if config.rht_size != 16:
         return f"TE's RHT is 16-point; rht_size={config.rht_size} needs the emulated backend"
+    rht = tuple(getattr(config, "rht_gemms", PAPER_RHT_GEMMS))
+    sr = sorted(getattr(config, "stochastic_roles", PAPER_STOCHASTIC_ROLES))
+    if rht != PAPER_RHT_GEMMS or sr != sorted(PAPER_STOCHASTIC_ROLES):
+        return "RHT/stochastic rounding moved off the paper's operands (a negative control) needs the emulated backend"
     return None
 
 

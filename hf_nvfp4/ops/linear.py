@@ -85,21 +85,22 @@ class _QuantizedLinear(torch.autograd.Function):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         shared = _shares_weight(plan)
-        xv, gx = _operand(x2, roles["fprop_input"], dtype)
+        gen = plan.generator  # drawn from only by stochastic roles (forward ones: negative controls)
+        xv, gx = _operand(x2, roles["fprop_input"], dtype, gen)
         wspec = roles["fprop_weight"]
         qw = None
         if shared:  # quantized once per step, for Fprop and Dgrad
-            qw = get_format(wspec.format).pack(weight, wspec, dtype)
+            qw = get_format(wspec.format).pack(weight, wspec, dtype, gen)
             wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
         else:
-            wv, gw = _operand(weight, wspec, dtype)
+            wv, gw = _operand(weight, wspec, dtype, gen)
         y = _mm(xv, wv.t(), gx, gw, dtype)
         if bias is not None:
             y = y + bias.to(dtype)
 
         # What Wgrad needs: x^T with blocks along the tokens, quantized (and transformed) now.
         xspec = roles["wgrad_input"]
-        xt = get_format(xspec.format).pack(x2.t(), xspec, dtype) if ctx.needs_input_grad[1] else None
+        xt = get_format(xspec.format).pack(x2.t(), xspec, dtype, gen) if ctx.needs_input_grad[1] else None
         ctx.plan, ctx.dtype, ctx.shared = plan, dtype, shared
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         ctx.xt_packed = isinstance(xt, NVFP4Tensor)
@@ -144,10 +145,10 @@ class _QuantizedLinear(torch.autograd.Function):
                 wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
                 dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
             elif _square(wspec.tile):  # 2D tiles, but Fprop ran in another format
-                wv, gw = _operand(weight, wspec, dtype)
+                wv, gw = _operand(weight, wspec, dtype, plan.generator)
                 dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
             else:  # W quantized along N for Dgrad
-                wtv, gwt = _operand(weight.t(), wspec, dtype)
+                wtv, gwt = _operand(weight.t(), wspec, dtype, plan.generator)
                 dx = _mm(dyv, wtv[:, :n].t(), gdy, gwt, ctx.x_dtype)
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
