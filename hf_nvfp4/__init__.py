@@ -6,6 +6,7 @@ from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
 from .formats.registry import FORMATS, get_format
 from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
 from .integrations.config import NVFP4Config
+from .integrations.diagnose import DiagnoseCallback, diagnose
 from .integrations.lm_eval import LMEvalCallback, evaluate_lm
 from .integrations.shadow import FP8ShadowCallback
 from .integrations.transformers import from_config
@@ -16,6 +17,8 @@ from .ops.recipe import NVFP4Recipe
 __version__ = "0.1.0"
 _register_with_transformers()
 __all__ = [
+    "DiagnoseCallback",
+    "diagnose",
     "FORMATS",
     "LMEvalCallback",
     "evaluate_lm",

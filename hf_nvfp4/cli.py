@@ -76,6 +76,19 @@ def _ablate(args) -> int:
     return 0
 
 
+def _diagnose(args) -> int:
+    from .diagnostics import diagnose_checkpoint, summary_lines
+
+    cmd = "hf-nvfp4 diagnose " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["diagnose"] else None
+    out = args.out or str(Path(args.model_dir) / "diagnostics")
+    rep = diagnose_checkpoint(args.model_dir, out, batch_size=args.batch_size, draws=args.draws,
+                              max_tokens=args.max_tokens, seed=args.seed, recipe=args.recipe, split=args.split,
+                              command=cmd)
+    print("\n".join(summary_lines(rep)))
+    print(f"hf-nvfp4: wrote {out}/diagnostics.md, diagnostics.json, diagnostics_layers.csv and diagnostics_depth.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-nvfp4", description="NVFP4 pretraining for the Hugging Face stack")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -118,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
     a.add_argument("--runs-dir", help="where each run's checkpoint goes (default runs/ablate/RECIPE)")
     a.set_defaults(fn=_ablate)
+    d = sub.add_parser("diagnose", help="measure each part of the recipe on a checkpoint's real activations/gradients")
+    d.add_argument("model_dir", help="a checkpoint directory (e.g. from hf-nvfp4 train)")
+    d.add_argument("--out", help="report directory (default: MODEL_DIR/diagnostics)")
+    d.add_argument("--batch-size", type=int, default=8, help="sequences in the batch (default 8)")
+    d.add_argument("--max-tokens", type=int, default=4096, help="tokens per layer kept for the replay (default 4096)")
+    d.add_argument("--draws", type=int, default=16, help="stochastic-rounding draws per GEMM (default 16, >= 3)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--recipe", help="recipe whose data gives the batch (default: MODEL_DIR/recipe.json)")
+    d.add_argument("--split", choices=["eval", "train"], default="eval")
+    d.set_defaults(fn=_diagnose)
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=_recipes)
     args = ap.parse_args(argv)

@@ -11,13 +11,15 @@ MXFP4 (the paper's §5 comparison): 1x32 blocks with UE8M0 scales rounded up (``
 a 32-point RHT on the Wgrad operands, otherwise the NVFP4 method (stochastic rounding of
 gradients, 2D weight scaling: here 32x32 tiles, the MX block edge, and the same BF16 blocks).
 
->>> paper_fp8_bf16_blocks(62), paper_fp8_bf16_blocks(4)
-((1, 2), (0, 0))
+>>> paper_fp8_bf16_blocks(62), paper_fp8_bf16_blocks(32), paper_fp8_bf16_blocks(4)
+((1, 2), (1, 1), (0, 0))
 >>> mxfp4_paper_recipe(NVFP4Recipe()).rht_size
 32
 """
 
 from __future__ import annotations
+
+import math
 
 from .recipe import NVFP4Recipe, as_recipe
 
@@ -32,8 +34,8 @@ def paper_fp8_bf16_blocks(n_blocks: int) -> tuple[int, int]:
     """(first, last) BF16 blocks of the FP8 baseline for ``n_blocks``: the paper's 1 + 2 of 62 as a share."""
     if not isinstance(n_blocks, int) or n_blocks < 0:
         raise ValueError(f"n_blocks must be an int >= 0, got {n_blocks!r}")
-    first = round(n_blocks * PAPER_FP8_BF16_FIRST / PAPER_FP8_BLOCKS)
-    last = round(n_blocks * PAPER_FP8_BF16_LAST / PAPER_FP8_BLOCKS)
+    first = math.floor(n_blocks * PAPER_FP8_BF16_FIRST / PAPER_FP8_BLOCKS + 0.5)  # rounded half up
+    last = math.floor(n_blocks * PAPER_FP8_BF16_LAST / PAPER_FP8_BLOCKS + 0.5)
     return first, min(last, n_blocks - first)
 
 
