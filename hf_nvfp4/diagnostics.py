@@ -101,6 +101,11 @@ def markdown_report(rep: dict, title: str, command: str | None = None) -> str:
             f" [{s['lo']:+.4f}, {s['hi']:+.4f}]" if s["lo"] == s["lo"] else "")
         lines.append(f"| {s['what']} | {_fmt(s['without'])} | {_fmt(s['with_'])} | {ci} | {s['n']} | "
                      f"{'yes' if s['resolved'] else 'no'} |")
+    for g, c in rep.get("sr_layers", {}).items():
+        lines.append("")
+        lines.append(f"{g.capitalize()} with SR, per layer: the 95% interval of the bias contains 0 in "
+                     f"{c['sr_interval_contains_0']} of {c['n']} layers and lies wholly below the nearest-rounding "
+                     f"bias in {c['sr_interval_below_rn']} of {c['n']}.")
     lines += ["", "## Per block (mean over the block's layers [95% CI])", "",
               "| block | layers | Fprop rel. error | Dgrad rel. error | Wgrad rel. error | Wgrad bias RN | "
               "Wgrad bias SR | activation saturation | gradient underflow |",

@@ -380,7 +380,7 @@ def diagnose(model: nn.Module, batch, *, recipe=None, draws: int = 16, seed: int
         with torch.no_grad():
             row.update(layer_metrics(c["x"], mod.weight.detach(), c["dy"], rec, draws, seed + i))
         rows.append(row)
-    return {"layers": rows, "summary": summarize(rows, level),
+    return {"layers": rows, "summary": summarize(rows, level), "sr_layers": sr_layer_counts(rows),
             "config": {"recipe": rec.to_dict(), "draws": draws, "seed": seed, "n_blocks": n_blocks,
                        "level": level}}
 
@@ -406,6 +406,16 @@ def summarize(rows: list[dict], level: float = 0.95) -> dict:
         s = paired_summary(diffs, level)
         s.update(what=what, without=_mean([r.get(off) for r in rows]), with_=_mean([r.get(on) for r in rows]))
         out[key] = s
+    return out
+
+
+def sr_layer_counts(rows: list[dict]) -> dict:
+    """Per GEMM, over layers: how many SR-bias intervals contain 0, and how many lie below the nearest-rounding bias."""
+    out = {}
+    for g in ("dgrad", "wgrad"):
+        rs = [r for r in rows if r.get(f"{g}_bias_sr_lo") == r.get(f"{g}_bias_sr_lo")]
+        out[g] = {"n": len(rs), "sr_interval_contains_0": sum(r[f"{g}_bias_sr_lo"] == 0.0 for r in rs),
+                  "sr_interval_below_rn": sum(r[f"{g}_bias_sr_hi"] < r[f"{g}_bias_rn"] for r in rs)}
     return out
 
 
