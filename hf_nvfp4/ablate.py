@@ -302,7 +302,7 @@ def ablate(
         "Made with:", "", "```bash", cmd, "```", "",
         f"{title}; {sum(r['wall'] for r in rows) / 60:.0f} minutes of runs in all. Eval loss: the loss on a "
         f"held-out {base.data.eval_fraction:.0%} of the packed data after the last step. Gaps are paired by seed, "
-        "(variant - reference) / reference: the mean over seeds and its Student-t 95% interval [lo, hi] "
+        "(variant - reference) / reference: the mean over seeds, the sd and the Student-t 95% interval [lo, hi] "
         "(n - 1 degrees of freedom). 'unresolved' marks an interval that contains 0: no direction is claimed.",
         "", markdown_table(table), "",
         "The same trained weights evaluated with every converted layer computing in BF16 (the paper evaluates "

@@ -98,13 +98,13 @@ def paired_summary(diffs: list[float], level: float = 0.95) -> dict:
 
 
 def format_interval(s: dict, scale: float = 100.0, unit: str = "%", digits: int = 2) -> str:
-    """``+1.08% [+0.25, +1.91]`` (resolved) or ``... (unresolved)``; ``-`` without data."""
+    """``+1.08% (sd 0.34) [+0.25, +1.91]`` (resolved) or ``... unresolved``; ``-`` without data."""
     if s["n"] == 0:
         return "-"
     m = f"{scale * s['mean']:+.{digits}f}{unit}"
     if s["lo"] != s["lo"]:
         return f"{m} (n=1, no interval)"
-    ci = f"[{scale * s['lo']:+.{digits}f}, {scale * s['hi']:+.{digits}f}]"
+    ci = f"(sd {scale * s['sd']:.{digits}f}) [{scale * s['lo']:+.{digits}f}, {scale * s['hi']:+.{digits}f}]"
     return f"{m} {ci}" if s["resolved"] else f"{m} {ci} unresolved"
 
 

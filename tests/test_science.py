@@ -208,7 +208,7 @@ def test_diagnose_returns_every_metric_for_every_layer_and_gemm():
     before = torch.get_rng_state()
     rep = hf_nvfp4.diagnose(model, batch, draws=4)
     assert torch.equal(torch.get_rng_state(), before)
-    assert all(p.grad is None for p in model.parameters()) and model.training  # restored
+    assert all(p.grad is None for p in model.parameters()) and model.training  # untouched, restored
     names = [n for n, _, _ in target_layers(model)]
     assert [r["name"] for r in rep["layers"]] == names and len(names) == 3 * 7
     assert sum(r["converted"] for r in rep["layers"]) == 2 * 7  # the BF16 block is diagnosed too

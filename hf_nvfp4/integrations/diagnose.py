@@ -19,7 +19,8 @@ Linear's input ``x`` and output gradient ``dy`` (hooks), and replays the layer's
 Layers: every converted Linear, and every other Linear inside the transformer blocks (the BF16
 blocks too, diagnosed with the model's recipe as if converted: the paper's argument for keeping
 the last blocks in BF16 is that they suffer most). The model's RNG state, gradients and mode are
-restored afterwards, so it can run inside training (:class:`DiagnoseCallback`).
+restored and no parameter's ``.grad`` is touched, so it can run inside training
+(:class:`DiagnoseCallback`).
 
 >>> import torch, hf_nvfp4
 >>> m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
@@ -299,55 +300,53 @@ def capture(model: nn.Module, batch, layers, loss_fn=None, max_tokens: int | Non
     """{layer name: {"x": [M, K], "dy": [M, N]}} from one forward and backward of ``model`` on ``batch``.
 
     Runs in eval mode (no dropout; training-only hooks such as a shadow run's batch capture and
-    the SR re-seeding stay out of it) with gradients on. Gradients, the mode and torch's RNG
-    state are restored afterwards.
+    the SR re-seeding stay out of it). The gradients are taken with ``torch.autograd.grad`` with
+    respect to the layers' outputs, so no parameter's ``.grad`` is touched (nor DDP's gradient
+    hooks). The mode and torch's RNG state are restored afterwards.
     """
-    store: dict[str, dict] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook(name):
         def fwd(mod, inp, out):
-            store[name] = {"x": inp[0].detach().reshape(-1, inp[0].shape[-1])}
+            inputs[name] = inp[0].detach().reshape(-1, inp[0].shape[-1])
             if out.requires_grad:
-                out.register_hook(lambda g: store[name].__setitem__("dy", g.detach().reshape(-1, g.shape[-1])))
+                outputs[name] = out
         return fwd
 
     for name, mod, _ in layers:
         handles.append(mod.register_forward_hook(hook(name)))
     params = list(model.parameters())
-    saved_grads = [p.grad for p in params]
+    if any(type(p).__name__ == "DTensor" for p in params):
+        raise ValueError("diagnose: the model's parameters are sharded (FSDP); run it on an unsharded copy")
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     was_training = model.training
-    device = next(iter(params)).device if params else torch.device("cpu")
+    device = params[0].device if params else torch.device("cpu")
     try:
-        for p in params:
-            p.grad = None
         model.eval()
         args, kw = _as_batch(batch, device)
         with torch.enable_grad():
             out = model(*args, **kw)
-            if loss_fn is not None:
-                loss = loss_fn(out)
-            else:
-                loss = getattr(out, "loss", None)
-                if loss is None:
-                    raise ValueError("diagnose: the model returned no .loss; pass loss_fn= (output -> scalar loss)")
-        loss.backward()
+            loss = loss_fn(out) if loss_fn is not None else getattr(out, "loss", None)
+            if loss is None:
+                raise ValueError("diagnose: the model returned no .loss; pass loss_fn= (output -> scalar loss)")
+            names = list(outputs)
+            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True) if names else []
     finally:
         for h in handles:
             h.remove()
-        for p, g in zip(params, saved_grads, strict=True):
-            p.grad = g
         model.train(was_training)
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    for name in list(store):
-        if "dy" not in store[name]:
-            del store[name]  # no gradient reached it
-        elif max_tokens:
-            store[name] = {k: v[:max_tokens] for k, v in store[name].items()}
+    store = {}
+    for name, g in zip(names, grads, strict=True):
+        if g is None:
+            continue  # no gradient reaches this layer
+        x, dy = inputs[name], g.detach().reshape(-1, g.shape[-1])
+        store[name] = {"x": x[:max_tokens], "dy": dy[:max_tokens]} if max_tokens else {"x": x, "dy": dy}
     return store
 
 
@@ -429,8 +428,9 @@ class DiagnoseCallback(TrainerBound):
     """Run :func:`diagnose` on the latest training batch every ``every_n_steps`` steps (low rate).
 
     Logs the per-mechanism means (``nvfp4_diag/...``) and writes the full per-layer report to
-    ``<output_dir>/diagnostics/step-<N>.json``. Training is not disturbed: RNG state, gradients
-    and mode are restored.
+    ``<output_dir>/diagnostics/step-<N>.json``. Training is not disturbed: RNG state and mode are
+    restored and no ``.grad`` is touched. Each process diagnoses its own batch (rank 0 writes the
+    file); FSDP-sharded models are not supported.
 
     >>> from hf_nvfp4 import DiagnoseCallback
     >>> cb = DiagnoseCallback(every_n_steps=500, draws=8)
