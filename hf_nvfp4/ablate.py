@@ -20,10 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import NVFP4Config
+from .integrations.stats import format_interval, paired_summary
 from .ops.baselines import fp8_baseline_recipe, mxfp4_paper_recipe
 from .ops.recipe import GEMMS, PAPER_STOCHASTIC_ROLES
 from .recipe import PrecisionSwitchSection, Recipe, load_recipe
-from .stats import format_interval, paired_summary
 
 VARIANTS: dict[str, str] = {
     "bf16": "BF16 everywhere",
@@ -296,7 +296,7 @@ def ablate(
     (out / "ablation.json").write_text(json.dumps(table, indent=2))
     tokens = rows[0]["tokens"] if rows else 0
     title = f"{base.name}: {len(seeds)} seeds, {tokens / 1e6:.2f}M tokens per run"
-    pngs = plot(rows, table, variants, out, title)
+    pngs = plot(rows, table, variants, out, title, REFERENCES, list(VARIANTS))
     cmd = command or f"hf-nvfp4 ablate {recipe_name} --seeds {','.join(map(str, seeds))} --out {out_dir}"
     body = "\n".join([
         "Made with:", "", "```bash", cmd, "```", "",

@@ -27,10 +27,14 @@ def _mean_curve(by, seeds, v):
     return tok, [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
 
 
-def plot(rows: list[dict], table: list[dict], variants: list[str], out_dir: Path, title: str) -> list[Path]:
-    """ablation_loss_curves.png, ablation_relative_gap.png and ablation_paired_ci.png in ``out_dir``."""
-    from .ablate import REFERENCES, VARIANTS
+def plot(rows: list[dict], table: list[dict], variants: list[str], out_dir: Path, title: str,
+         references: tuple[str, ...] = ("nvfp4", "fp8", "bf16"), all_variants: list[str] | None = None) -> list[Path]:
+    """ablation_loss_curves.png, ablation_relative_gap.png and ablation_paired_ci.png in ``out_dir``.
 
+    references: the variants gaps are taken against; all_variants: every variant name, in the
+    order that fixes each one's colour across plots.
+    """
+    REFERENCES, VARIANTS = references, all_variants or variants  # noqa: N806
     plt = _plt()
     seeds = sorted({r["seed"] for r in rows})
     by = {(r["variant"], r["seed"]): r for r in rows}

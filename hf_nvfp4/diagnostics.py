@@ -9,13 +9,14 @@ recipe's held-out data (``recipe.json`` in the checkpoint, or ``--recipe``), run
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import statistics
 from pathlib import Path
 
 from .integrations.diagnose import GEMMS, MECHANISMS, diagnose
-from .stats import paired_summary
+from .integrations.stats import paired_summary
 
 BEGIN, END = "<!-- hf-nvfp4 diagnose: generated below -->", "<!-- hf-nvfp4 diagnose: generated above -->"
 
@@ -37,7 +38,10 @@ def checkpoint_batch(model_dir: str | Path, batch_size: int = 8, recipe=None, sp
     _offline_unless_needed(rec)
     train_ds, eval_ds = build_datasets(rec, build_tokenizer(rec))
     ds = eval_ds if split == "eval" and eval_ds is not None else train_ds
-    rows = [ds[i] for i in range(min(batch_size, len(ds)))]
+    if hasattr(ds, "__len__"):
+        rows = [ds[i] for i in range(min(batch_size, len(ds)))]
+    else:  # a streamed dataset: its first blocks
+        rows = list(itertools.islice(iter(ds), batch_size))
     batch = default_data_collator(rows)
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, rec
 

@@ -21,10 +21,10 @@ from hf_nvfp4.integrations.diagnose import (
     quant_health,
     target_layers,
 )
+from hf_nvfp4.integrations.stats import paired_summary, t_quantile
 from hf_nvfp4.ops.baselines import paper_fp8_bf16_blocks
 from hf_nvfp4.ops.recipe import role_table
 from hf_nvfp4.recipe import load_recipe
-from hf_nvfp4.stats import paired_summary, t_quantile
 
 
 def _layers(model):

@@ -46,8 +46,8 @@ from ..formats.registry import get_format
 from ..nn.convert import LM_HEAD_NAMES, find_blocks
 from ..nn.linear import NVFP4Linear
 from ..ops.recipe import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES, NVFP4Recipe, as_recipe, role_table
-from ..stats import paired_summary, t_quantile
 from ._trainer import TrainerBound, unwrap
+from .stats import paired_summary, t_quantile
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 TENSORS = {"act": "fprop_input", "weight": "fprop_weight", "grad": "dgrad_grad_output",
