@@ -4,9 +4,11 @@ from .formats._compile import set_compile_mode
 from .formats.hadamard import hadamard_transform
 from .formats.nvfp4 import NVFP4Tensor, fake_quantize_nvfp4, quantize_nvfp4
 from .formats.registry import FORMATS, get_format
+from .integrations.accelerate import NVFP4Plugin
 from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
 from .integrations.config import NVFP4Config
 from .integrations.diagnose import DiagnoseCallback, diagnose
+from .integrations.export import export_nvfp4
 from .integrations.lm_eval import LMEvalCallback, evaluate_lm
 from .integrations.shadow import FP8ShadowCallback
 from .integrations.transformers import from_config
@@ -22,11 +24,13 @@ __all__ = [
     "FORMATS",
     "LMEvalCallback",
     "evaluate_lm",
+    "export_nvfp4",
     "FP8ShadowCallback",
     "PrecisionSwitchCallback",
     "QuantHealthCallback",
     "NVFP4Config",
     "NVFP4Linear",
+    "NVFP4Plugin",
     "NVFP4Recipe",
     "NVFP4State",
     "set_recipe",

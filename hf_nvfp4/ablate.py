@@ -1,13 +1,13 @@
 """The paper's ablations at small scale: one command, paired seeds, t-intervals, a table and plots.
 
-    hf-nvfp4 ablate [RECIPE] [--seeds 0,1,2] [--variants ...] [--out docs/results]
+    hf-nvfp4 ablate [RECIPE] [--seeds 0,1,2] [--variants ...] [--out DIR] [--resume | --overwrite]
 
 Every variant of a seed starts from the same initial weights and sees the same batches, so
 differences between variants are paired by seed. Each variant is compared with the full NVFP4
 recipe, the FP8 baseline and BF16: mean, sd and a Student-t 95% interval of the paired relative
 gaps; an effect is "resolved" only when its interval excludes 0. Finished runs are kept in
-``runs.jsonl`` with a fingerprint of their configuration: rerunning resumes the sweep, a larger
-``--seeds`` grows it, and a run made under another definition of its variant is run again.
+``runs.jsonl`` with a fingerprint of their configuration: ``--resume`` continues the sweep, a
+larger ``--seeds`` grows it, and a run made under another definition of its variant is run again.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .ablate_plots import plot
 from .config import NVFP4Config
 from .integrations.stats import format_interval, paired_summary
 from .ops.baselines import fp8_baseline_recipe, mxfp4_paper_recipe
@@ -87,6 +88,30 @@ def variant_nvfp4(base: Recipe, variant: str) -> NVFP4Config | None:
         }.get(variant, {})  # the switch variants train with the full recipe
         out = replace(cfg, **changes)
     return replace(out, backend="emulated")
+
+
+# ablation.md is not deleted: its generated block is replaced, what a person wrote around it is kept
+RESULT_FILES = ("runs.jsonl", "ablation.json", "ablation_loss_curves.png", "ablation_relative_gap.png",
+                "ablation_paired_ci.png")
+
+
+def _protect(out: Path, resume: bool, overwrite: bool) -> None:
+    """Never add to or overwrite a previous sweep's results unasked."""
+    from .rundir import RunDirError
+
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other; pick one")
+    if not (out / "runs.jsonl").exists() or resume:
+        return
+    if overwrite:
+        for name in RESULT_FILES:
+            (out / name).unlink(missing_ok=True)
+        print(f"hf-nvfp4 ablate: --overwrite: removed the previous results in {out}", flush=True)
+        return
+    raise RunDirError(
+        f"{out} already holds ablation results (runs.jsonl); pass --resume to add the missing runs to them, "
+        "--overwrite to delete them and start over, or choose another --out"
+    )
 
 
 def variant_recipe(base: Recipe, variant: str, seed: int, runs_dir: Path) -> Recipe:
@@ -234,22 +259,27 @@ def ablate(
     recipe_name: str = "ablation-cpu",
     seeds=(0, 1, 2),
     variants=None,
-    out_dir="docs/results",
+    out_dir=None,
     overrides=None,
     command: str | None = None,
     runs_dir: str | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Run (or resume, or grow) the sweep; writes runs.jsonl, ablation.md/json and plots into ``out_dir``.
 
-    Each run's checkpoint goes to ``runs_dir`` (default ``runs/ablate/<recipe>``), not beside the results.
+    out_dir defaults to ``runs/ablate/<recipe>/results``; each run's checkpoint goes to
+    ``runs_dir`` (default ``runs/ablate/<recipe>``). An ``out_dir`` that already holds a sweep
+    (runs.jsonl) is an error unless ``resume`` (add the missing runs: more seeds or variants) or
+    ``overwrite`` (delete its results and start over; text written around the generated block
+    of ablation.md is kept).
 
     >>> from hf_nvfp4.ablate import VARIANTS
     >>> "mxfp4" in VARIANTS and "switch_bwd" in VARIANTS
     True
     """
     from tqdm.auto import tqdm
-
-    from .ablate_plots import plot
 
     variants = list(variants or VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -260,9 +290,11 @@ def ablate(
         raise ValueError("give at least one seed")
     base = load_recipe(recipe_name, overrides)
     n_blocks = model_blocks(base)
+    out_dir = out_dir or str(Path("runs") / "ablate" / base.name / "results")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
+    _protect(out, resume, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     rdir = Path(runs_dir or Path("runs") / "ablate" / base.name)
     plan = {(v, s): variant_recipe(base, v, s, rdir) for s in seeds for v in variants}
     done, stale = {}, 0

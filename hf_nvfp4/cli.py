@@ -1,4 +1,5 @@
-"""Command line: ``hf-nvfp4 train [RECIPE]`` and ``hf-nvfp4 recipes``."""
+"""Command line: ``hf-nvfp4 train RECIPE [--resume | --overwrite]``, ``eval``, ``compare``, ``ablate``, ``export``,
+``recipes``."""
 
 from __future__ import annotations
 
@@ -10,15 +11,26 @@ from pathlib import Path
 
 def _train(args) -> int:
     from .recipe import load_recipe
+    from .rundir import prepare_output_dir
     from .train import run_recipe
 
+    name = args.recipe_opt or args.recipe
+    if name is None:
+        args.parser.print_usage(sys.stderr)
+        print(
+            "hf-nvfp4 train: give a recipe, a shipped name (list them with: hf-nvfp4 recipes) or a YAML path, "
+            "e.g. hf-nvfp4 train tiny-cpu",
+            file=sys.stderr,
+        )
+        return 2
     overrides = list(args.set or [])
     if args.max_steps is not None:
         overrides.append(f"training.max_steps={args.max_steps}")
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
-    recipe = load_recipe(args.recipe_opt or args.recipe, overrides)
-    run_recipe(recipe)
+    recipe = load_recipe(name, overrides)
+    ckpt = prepare_output_dir(recipe.output_dir, resume=args.resume, overwrite=args.overwrite)
+    run_recipe(recipe, resume_from_checkpoint=ckpt)
     return 0
 
 
@@ -32,6 +44,11 @@ def _recipes(args) -> int:
 
 
 def _plot(args) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("hf-nvfp4 plot-parity: needs matplotlib: pip install 'hf-nvfp4[plots]'", file=sys.stderr)
+        return 2
     from .plots import plot_loss_parity
 
     out = plot_loss_parity(args.run, args.out, tag=args.tag)
@@ -72,7 +89,40 @@ def _ablate(args) -> int:
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     variants = args.variants.split(",") if args.variants else None
     cmd = "hf-nvfp4 ablate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["ablate"] else None
-    ablate(args.recipe, seeds, variants, args.out, args.set, command=cmd, runs_dir=args.runs_dir)
+    ablate(
+        args.recipe,
+        seeds,
+        variants,
+        args.out,
+        args.set,
+        command=cmd,
+        runs_dir=args.runs_dir,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+def _export(args) -> int:
+    from .integrations.export import export_to_directory
+
+    calibration, text = args.calibration, None
+    if calibration is not None:
+        text = Path(calibration).is_file() and Path(calibration).suffix not in (".yaml", ".yml")
+    if calibration is not None and not text:
+        from .data import calibration_batches
+        from .recipe import load_recipe
+
+        recipe = load_recipe(calibration)  # a recipe name or YAML: checked now, its data built only when needed
+        calibration = lambda: calibration_batches(recipe)
+    try:
+        report = export_to_directory(
+            args.model_dir, args.out_dir, args.format, args.scheme, calibration, None, overwrite=args.overwrite
+        )
+    except NotImplementedError as exc:
+        print(f"hf-nvfp4: not supported yet: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
     return 0
 
 
@@ -93,12 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-nvfp4", description="NVFP4 pretraining for the Hugging Face stack")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a recipe end to end with the HF Trainer")
-    t.add_argument("recipe", nargs="?", default="tiny-cpu", help="recipe name (tiny-cpu, ...) or YAML path")
+    t.add_argument("recipe", nargs="?", help="recipe name (tiny-cpu, ...; see: hf-nvfp4 recipes) or YAML path")
     t.add_argument("--recipe", dest="recipe_opt", help="same as the positional argument (for accelerate launch)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--output-dir")
-    t.set_defaults(fn=_train)
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint-N")
+    g.add_argument("--overwrite", action="store_true", help="delete the run already in the output dir, start over")
+    t.set_defaults(fn=_train, parser=t)
     pl = sub.add_parser("plot-parity", help="plot a run's loss against its FP8/BF16 shadow")
     pl.add_argument("run", help="run directory (with trainer_state.json) or the file")
     pl.add_argument("--out", default="loss_parity.png")
@@ -127,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of: bf16,fp8,fp8_nvfp4_alloc,nvfp4,base,no_rht,no_sr,no_2d,all_nvfp4,"
         "mxfp4,switch_all,switch_fwd,switch_bwd,sr_forward,rht_all (default: all)",
     )
-    a.add_argument("--out", default="docs/results", help="where runs.jsonl, ablation.md and the plots go")
+    a.add_argument("--out", help="where runs.jsonl, ablation.md and the plots go (default runs/ablate/RECIPE/results)")
     a.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
     a.add_argument("--runs-dir", help="where each run's checkpoint goes (default runs/ablate/RECIPE)")
+    ga = a.add_mutually_exclusive_group()
+    ga.add_argument("--resume", action="store_true", help="add to the sweep already in --out (runs.jsonl)")
+    ga.add_argument("--overwrite", action="store_true", help="delete the sweep already in --out, start over")
     a.set_defaults(fn=_ablate)
     d = sub.add_parser("diagnose", help="measure each part of the recipe on a checkpoint's real activations/gradients")
     d.add_argument("model_dir", help="a checkpoint directory (e.g. from hf-nvfp4 train)")
@@ -141,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--recipe", help="recipe whose data gives the batch (default: MODEL_DIR/recipe.json)")
     d.add_argument("--split", choices=["eval", "train"], default="eval")
     d.set_defaults(fn=_diagnose)
+    x = sub.add_parser("export", help="write an NVFP4 serving checkpoint (compressed-tensors for vLLM, or ModelOpt)")
+    x.add_argument("model_dir", help="a checkpoint trained with hf-nvfp4 (a run's output_dir)")
+    x.add_argument("out_dir", help="a new or empty directory")
+    x.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "modelopt"])
+    x.add_argument("--scheme", default="NVFP4A16", choices=["NVFP4A16", "NVFP4"], help="NVFP4 = W4A4 (calibrated)")
+    x.add_argument(
+        "--calibration", metavar="RECIPE_OR_DATA", help="W4A4 only: a recipe name or YAML (its data), or a text file"
+    )
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    x.set_defaults(fn=_export)
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(fn=_recipes)
     args = ap.parse_args(argv)

@@ -6,10 +6,10 @@ import glob
 import sysconfig
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError
+from .recipe import RecipeError, RecipeFile
 
 
-def build_tokenizer(recipe: Recipe):
+def build_tokenizer(recipe: RecipeFile):
     """ByT5's byte tokenizer (no files, no network), or AutoTokenizer for ``kind: auto``."""
     if recipe.tokenizer.kind == "byte":
         from transformers import ByT5Tokenizer
@@ -42,7 +42,7 @@ def _local_files(patterns: list[str]) -> list[str]:
     return out
 
 
-def build_datasets(recipe: Recipe, tokenizer, main_process_first=None):
+def build_datasets(recipe: RecipeFile, tokenizer, main_process_first=None):
     """(train, eval or None): text tokenized and packed into ``seq_len`` blocks with labels."""
     import datasets
 
@@ -86,3 +86,25 @@ def build_datasets(recipe: Recipe, tokenizer, main_process_first=None):
         raise RecipeError(f"the data makes only {len(packed)} block(s) of {seq} tokens; add data or lower seq_len")
     split = packed.train_test_split(test_size=max(1, int(len(packed) * d.eval_fraction)), seed=recipe.training.seed)
     return split["train"], split["test"]
+
+
+def calibration_batches(recipe: RecipeFile | str, max_batches: int = 8) -> list[dict]:
+    """A few batches of a recipe's data (its held-out split if it has one), for W4A4 export calibration.
+
+    ``recipe``: a RecipeFile, a shipped recipe's name or a YAML path. Returns ``[{"input_ids": [B, T]}, ...]``
+    (B = the recipe's batch size), ready for ``hf_nvfp4.export_nvfp4(..., calibration=...)``.
+    """
+    import torch
+
+    from .recipe import load_recipe
+
+    if not isinstance(recipe, RecipeFile):
+        recipe = load_recipe(recipe)
+    train, held_out = build_datasets(recipe, build_tokenizer(recipe))
+    ds = held_out if held_out is not None and len(held_out) > 0 else train
+    bs, rows = recipe.training.batch_size, []
+    for row in ds:  # streaming datasets too
+        rows.append(row["input_ids"])
+        if len(rows) >= bs * max_batches:
+            break
+    return [{"input_ids": torch.tensor(rows[i : i + bs])} for i in range(0, len(rows), bs)]

@@ -105,8 +105,14 @@ def compare_runs(files: list[str], names: list[str] | None = None, baseline: str
         p = Path(f)
         if not p.is_file():
             raise FileNotFoundError(f"no evaluation file {f!r} (write one with: hf-nvfp4 eval MODEL_DIR --out FILE)")
-        data = json.loads(p.read_text())
-        if "metrics" not in data:
+        try:
+            data = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(
+                f"{f!r} is not an hf-nvfp4 eval JSON ({type(exc).__name__}: {exc}); "
+                "write one with: hf-nvfp4 eval MODEL_DIR --out FILE"
+            ) from None
+        if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
             raise ValueError(f"{f!r} is not an hf-nvfp4 eval JSON (no 'metrics')")
         rows[names[i] if names else p.stem] = data["metrics"]
     return format_table(rows, baseline or (next(iter(rows)) if len(rows) > 1 else None))

@@ -1,5 +1,8 @@
 """Recipe files: YAML data (never code) describing one training run, validated strictly.
 
+A recipe file names a whole run (model, data, training, callbacks) and carries the NVFP4 recipe
+itself under ``nvfp4:`` (an :class:`~hf_nvfp4.NVFP4Config`). Its Python form is :class:`RecipeFile`.
+
 An unknown or mistyped key is an error that names it and lists the valid ones. Loading uses
 ``yaml.safe_load``; ``trust_remote_code`` stays off unless the recipe sets it; the network
 is used only when the recipe names a hub source (a model, tokenizer or dataset that is not
@@ -18,7 +21,7 @@ import yaml
 
 from .config import NVFP4Config
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # inside the package: wheels ship them
 
 
 class RecipeError(ValueError):
@@ -108,7 +111,7 @@ class LoggingSection:
 
 
 @dataclass
-class Recipe:
+class RecipeFile:
     name: str = "recipe"
     output_dir: str = "runs/recipe"
     model: ModelSection = field(default_factory=ModelSection)
@@ -137,6 +140,9 @@ class Recipe:
             d["nvfp4"] = {k: v for k, v in self.nvfp4.to_dict().items() if k != "quant_method"}
         return d
 
+
+
+Recipe = RecipeFile  # older name
 
 def _build(cls, data: Any, where: str):
     if cls is NVFP4Config:
@@ -216,7 +222,7 @@ def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
     raise RecipeError(f"no recipe file {name_or_path!r}; give a path to a YAML file or one of: {', '.join(shipped)}")
 
 
-def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeFile:
     """Read and validate a recipe; ``overrides`` are ``section.key=value`` strings (YAML values).
 
     >>> from hf_nvfp4.recipe import load_recipe
@@ -240,14 +246,18 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = N
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:  # e.g. a !!python/... tag: safe_load refuses it
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RecipeError(f"override {item!r}: the value is not plain YAML data ({msg})") from None
     data.setdefault("name", path.stem)
-    recipe = _build(Recipe, data, "recipe")
+    recipe = _build(RecipeFile, data, "recipe")
     _check(recipe)
     return recipe
 
 
-def _check(r: Recipe) -> None:
+def _check(r: RecipeFile) -> None:
     if (r.model.name_or_path is None) == (r.model.config is None):
         raise RecipeError("recipe.model needs exactly one of name_or_path (pretrained) or config (from scratch)")
     if r.model.config is not None and "model_type" not in r.model.config:
@@ -275,3 +285,38 @@ def _check(r: Recipe) -> None:
         raise RecipeError("recipe.precision_switch.scope must be 'all', 'forward' or 'backward'")
     if r.fp8_shadow.mode not in ("lockstep", "reference"):
         raise RecipeError("recipe.fp8_shadow.mode must be 'lockstep' or 'reference'")
+    if r.model.dtype not in DTYPES:
+        raise RecipeError(
+            f"recipe.model.dtype must be one of {', '.join(DTYPES)} (master weights), got {r.model.dtype!r}"
+        )
+    _check_callbacks(r)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_callbacks(r: RecipeFile) -> None:
+    """Build the callback sections' objects now: a bad value fails at load, not after data and model."""
+    from .integrations.callbacks import PrecisionSwitchCallback
+    from .integrations.shadow import FP8ShadowCallback
+
+    ps, sh = r.precision_switch, r.fp8_shadow
+    if ps.at is None and (ps.to, ps.scope) != (PrecisionSwitchSection.to, PrecisionSwitchSection.scope):
+        raise RecipeError(
+            "recipe.precision_switch sets to/scope but not at (a fraction, a step or tokens): nothing would switch"
+        )
+    if ps.at is not None and r.nvfp4 is None:
+        raise RecipeError(
+            "recipe.precision_switch needs an nvfp4 section (with nvfp4: null nothing is NVFP4 to switch)"
+        )
+    try:
+        PrecisionSwitchCallback(0.5 if ps.at is None else ps.at, to=ps.to, scope=ps.scope)
+    except ValueError as exc:
+        raise RecipeError(f"recipe.precision_switch: {exc}") from None
+    try:
+        if sh.enabled:
+            FP8ShadowCallback(sh.mode, format=sh.format, reference=sh.reference)
+        else:  # the values are checked even while it is off, so turning it on later cannot fail late
+            FP8ShadowCallback(format=sh.format)
+    except (ValueError, OSError) as exc:
+        raise RecipeError(f"recipe.fp8_shadow: {exc}") from None

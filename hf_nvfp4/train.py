@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -11,28 +12,65 @@ from pathlib import Path
 
 import torch
 
-from .recipe import Recipe
+from .recipe import RecipeFile
 
 logger = logging.getLogger("hf_nvfp4")
 
 
-def _offline_unless_needed(recipe: Recipe) -> None:
-    """No network unless the recipe names a hub source."""
-    if recipe.needs_network():
-        return
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
+def tensorboard_dir(recipe: RecipeFile) -> Path | None:
+    """Where TensorBoard events go: ``OUTPUT_DIR/logs``; None when ``logging.report_to`` has no tensorboard."""
+    if "tensorboard" not in recipe.logging.report_to:
+        return None
+    return Path(recipe.output_dir) / "logs"
+
+
+@contextlib.contextmanager
+def run_scope(recipe: RecipeFile, quiet: bool = False):
+    """Per-run process settings, restored on exit: offline switches (unless the recipe names a hub
+    source), the TensorBoard/W&B directories (inside this run's output dir), library verbosity and
+    progress bars, and the global RNGs the run seeds. Two runs in one process never share state."""
+    import random
+
+    import datasets
+    import huggingface_hub.constants as hc
+    import numpy as np
+    import transformers
+
+    tb_dir = tensorboard_dir(recipe)
+    env = {"TENSORBOARD_LOGGING_DIR": str(tb_dir)} if tb_dir else {}
+    if not recipe.needs_network():
+        env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if recipe.logging.wandb_project:
+        env["WANDB_PROJECT"] = recipe.logging.wandb_project
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved = (hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, transformers.logging.get_verbosity(),
+             datasets.is_progress_bar_enabled(), logger.level)
+    rng = (torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+    os.environ.update(env)
+    if "HF_HUB_OFFLINE" in env:
+        hc.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    if quiet:
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+        logger.setLevel(logging.WARNING)
     try:
-        import datasets
-        import huggingface_hub.constants as hc
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        hc.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[0], saved[1]
+        transformers.logging.set_verbosity(saved[2])
+        (datasets.enable_progress_bars if saved[3] else datasets.disable_progress_bars)()
+        logger.setLevel(saved[4])
+        torch.random.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
 
-        hc.HF_HUB_OFFLINE = True
-        datasets.config.HF_HUB_OFFLINE = True
-    except (ImportError, AttributeError):
-        pass
 
-
-def callbacks_from_recipe(recipe: Recipe) -> list:
+def callbacks_from_recipe(recipe: RecipeFile) -> list:
     """The callbacks a recipe asks for."""
     from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
 
@@ -64,7 +102,7 @@ def callbacks_from_recipe(recipe: Recipe) -> list:
     return cbs
 
 
-def build_model(recipe: Recipe, vocab_size: int):
+def build_model(recipe: RecipeFile, vocab_size: int):
     """from_pretrained with NVFP4Config, or a fresh model from the recipe's architecture config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -85,16 +123,13 @@ def build_model(recipe: Recipe, vocab_size: int):
     return from_config(cfg, recipe.nvfp4, dtype=dtype, **trust)
 
 
-def training_arguments(recipe: Recipe, quiet: bool = False):
+def training_arguments(recipe: RecipeFile, quiet: bool = False):
     from transformers import TrainingArguments
 
     t = recipe.training
     decay = int(round(t.decay_fraction * t.max_steps))
     warmup = min(t.warmup_steps, t.max_steps - decay)
     report = [r for r in recipe.logging.report_to if r != "none"]
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(recipe.output_dir) / "logs"))
-    if "wandb" in report and recipe.logging.wandb_project:
-        os.environ.setdefault("WANDB_PROJECT", recipe.logging.wandb_project)
     return TrainingArguments(
         output_dir=recipe.output_dir,
         run_name=recipe.logging.run_name or recipe.name,
@@ -126,27 +161,34 @@ def training_arguments(recipe: Recipe, quiet: bool = False):
     )
 
 
-def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = False, quiet: bool = False,
-               evaluate_bf16_at_end: bool = False) -> dict:
+def run_recipe(
+    recipe: RecipeFile,
+    *,
+    extra_callbacks=None,
+    evaluate_at_end: bool = False,
+    quiet: bool = False,
+    resume_from_checkpoint: str | None = None,
+    evaluate_bf16_at_end: bool = False,
+) -> dict:
     """Train per ``recipe``; returns the summary (also printed and written to summary.json).
 
     evaluate_at_end: also report the loss on the recipe's held-out split (``eval_loss``).
     evaluate_bf16_at_end: also the held-out loss of the trained weights computed in BF16
         (``eval_loss_bf16``), as the paper's downstream evaluations of NVFP4-trained models.
     quiet: no progress bars or summary print (for sweeps that show their own progress).
+    resume_from_checkpoint: a ``checkpoint-N`` directory to continue from
+    (:func:`hf_nvfp4.rundir.prepare_output_dir` picks it for the train command).
     """
-    if quiet:
-        import datasets
-        import transformers
+    with run_scope(recipe, quiet):
+        return _run(recipe, extra_callbacks, evaluate_at_end, quiet, resume_from_checkpoint, evaluate_bf16_at_end)
 
-        datasets.disable_progress_bars()
-        transformers.logging.set_verbosity_error()
-        logger.setLevel(logging.WARNING)
+
+def _run(recipe: RecipeFile, extra_callbacks, evaluate_at_end: bool, quiet: bool, resume_from_checkpoint=None,
+         evaluate_bf16_at_end: bool = False) -> dict:
     from transformers import Trainer, default_data_collator
 
     from .data import build_datasets, build_tokenizer
 
-    _offline_unless_needed(recipe)
     torch.manual_seed(recipe.training.seed)
     tokenizer = build_tokenizer(recipe)
     args = training_arguments(recipe, quiet)
@@ -173,7 +215,7 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
             trainer.accelerator.distributed_type,
         )
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     elapsed = time.perf_counter() - start
     trainer.save_model(recipe.output_dir)
     tokenizer.save_pretrained(recipe.output_dir)
@@ -193,7 +235,7 @@ def run_recipe(recipe: Recipe, *, extra_callbacks=None, evaluate_at_end: bool = 
         "seconds": elapsed,
         "world_size": args.world_size,
         "checkpoint": str(Path(recipe.output_dir).resolve()),
-        "logs": str(Path(os.environ["TENSORBOARD_LOGGING_DIR"]).resolve()),
+        "logs": str(tensorboard_dir(recipe).resolve()) if tensorboard_dir(recipe) else None,
         "nvfp4": recipe.nvfp4.to_dict() if recipe.nvfp4 is not None else None,
         "loss_curve": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
     }
@@ -240,6 +282,8 @@ def format_summary(s: dict) -> str:
             f"  loss        {first}{s['final_loss']:.4f}",
             f"  throughput  {s['tokens_per_s']:.0f} tokens/s ({s['tokens']} tokens in {s['seconds']:.0f} s)",
             f"  checkpoint  {s['checkpoint']}  (a plain HF checkpoint; import hf_nvfp4 to reload it converted)",
-            f"  logs        {s['logs']}  (tensorboard --logdir {s['logs']})",
+            f"  logs        {s['logs']}  (tensorboard --logdir {s['logs']})"
+            if s.get("logs")
+            else "  logs        none written (logging.report_to is empty); the loss curve is in summary.json",
         ]
     )

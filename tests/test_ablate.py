@@ -19,7 +19,7 @@ TINY = [
 ]
 
 
-def _run(out, seeds, variants):
+def _run(out, seeds, variants, *extra):
     cmd = [
         sys.executable,
         "-m",
@@ -34,6 +34,7 @@ def _run(out, seeds, variants):
         str(out),
         "--runs-dir",
         str(out.parent / "ckpts"),
+        *extra,
     ]
     for o in TINY:
         cmd += ["--set", o]
@@ -50,7 +51,7 @@ def test_ablate_runs_resumes_grows_and_writes(tmp_path):
     # paired: every variant of a seed starts from the same weights, so step-0 losses agree closely
     first = [r["loss_curve"][0][1] for r in rows]
     assert max(first) - min(first) < 0.05 * min(first)
-    res = _run(tmp_path, "0,1", "nvfp4")  # grow a finished sweep by a seed
+    res = _run(tmp_path, "0,1", "nvfp4", "--resume")  # grow a finished sweep by a seed
     assert "resuming: 1 run(s) reused" in res.stdout
     rows = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert len(rows) == 3

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import tiny
-from transformers import TrainerState, TrainingArguments
+from transformers import TrainingArguments
 
 import hf_nvfp4
 from hf_nvfp4 import FP8ShadowCallback, NVFP4Config, NVFP4Linear, NVFP4Recipe
@@ -21,6 +21,7 @@ from hf_nvfp4.integrations.diagnose import (
     quant_health,
     target_layers,
 )
+from hf_nvfp4.integrations.shadow_run import ShadowRun
 from hf_nvfp4.integrations.stats import paired_summary, t_quantile
 from hf_nvfp4.ops.baselines import paper_fp8_bf16_blocks
 from hf_nvfp4.ops.recipe import role_table
@@ -112,16 +113,15 @@ def test_negative_controls_and_switch_scopes_in_the_role_table():
         variant_recipe(base, "no_rht", 0, Path("/a")))
 
 
-def test_shadow_allocation_paper_share_or_nvfp4(tmp_path):
+def test_shadow_allocation_paper_share_or_nvfp4():
     model = hf_nvfp4.from_config(tiny("llama", 4).config, NVFP4Config(bf16_last_blocks=1))
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2)
-    state = TrainerState(max_steps=2)
+    names = [n for n, _ in model.named_parameters()]
     for alloc, want in (("paper", [True] * 4), ("nvfp4", [True, True, True, False])):
-        cb = FP8ShadowCallback(allocation=alloc)
-        cb._build_shadow(model, args, state)
-        cb._hook.remove()
-        assert _blocks_converted(cb.shadow) == want
-        assert {m.recipe.format for m in _layers(cb.shadow).values()} == {"fp8_block"}
+        shadow = ShadowRun("fp8_block", allocation=alloc).build(model, [{"names": names, "lr": 1e-3}])
+        assert _blocks_converted(shadow) == want
+        assert {m.recipe.format for m in _layers(shadow).values()} == {"fp8_block"}
+    explicit = ShadowRun("fp8_block", bf16_first_blocks=1, bf16_last_blocks=2).build(model, [{"names": names}])
+    assert _blocks_converted(explicit) == [False, True, False, False]
     with pytest.raises(ValueError, match="allocation"):
         FP8ShadowCallback(allocation="half")
 

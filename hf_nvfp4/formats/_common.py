@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+import operator
+import os
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +18,20 @@ HIGH_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 _said: set[str] = set()
 
 
+def _is_rank_zero() -> bool:
+    """True unless this is a non-zero rank of a distributed run (torch.distributed or RANK)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def say_once(key: str, msg: str) -> None:
-    """Log ``msg`` the first time ``key`` is seen in this process."""
+    """Log ``msg`` the first time ``key`` is seen in this process, on rank 0 only."""
     if key not in _said:
         _said.add(key)
-        logger.warning(msg)
+        if _is_rank_zero():
+            logger.warning(msg)
 
 
 def check_input(x: object, fn: str) -> torch.Tensor:
@@ -35,18 +47,29 @@ def check_input(x: object, fn: str) -> torch.Tensor:
 
 
 def check_tile(tile: object, allowed: tuple[tuple[int, int], ...], fn: str) -> tuple[int, int]:
-    try:
-        t = (int(tile[0]), int(tile[1]))  # type: ignore[index]
-    except (TypeError, IndexError, ValueError):
-        raise ValueError(f"{fn}: tile must be a pair such as {allowed[0]}, got {tile!r}") from None
+    try:  # a str is a sequence too: "16" must not read as (1, 6)
+        if isinstance(tile, (str, bytes)) or len(tile) != 2 or any(isinstance(v, bool) for v in tile):  # type: ignore[arg-type]
+            raise TypeError
+        t = (operator.index(tile[0]), operator.index(tile[1]))  # type: ignore[index]
+    except TypeError:
+        raise ValueError(f"{fn}: tile must be a pair of ints such as {allowed[0]}, got {tile!r}") from None
     if t not in allowed:
         raise ValueError(f"{fn}: tile {t} is not supported; use one of {list(allowed)}")
     return t
 
 
+def check_generator(generator: object, fn: str) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}; "
+            "for a seed write torch.Generator().manual_seed(seed)"
+        )
+    return generator
+
+
 def as_2d(x: torch.Tensor) -> torch.Tensor:
-    """Flatten all leading dims: [..., K] -> [M, K]."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    """Flatten all leading dims: [..., K] -> [M, K] (empty tensors included)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
 def pad_2d(x2: torch.Tensor, tile: tuple[int, int], fn: str) -> torch.Tensor:
@@ -70,7 +93,7 @@ def pad_2d(x2: torch.Tensor, tile: tuple[int, int], fn: str) -> torch.Tensor:
 def check_amax(amax: object, fn: str) -> torch.Tensor | None:
     if amax is None:
         return None
-    a = torch.as_tensor(amax, dtype=torch.float32)
+    a = torch.as_tensor(amax, dtype=torch.float32).detach()  # documented: results never require grad
     if a.numel() != 1:
         raise ValueError(f"{fn}: amax must be a scalar (one element), got shape {tuple(a.shape)}")
     if a.device.type == "cpu" and bool(a.detach().reshape(()) < 0):  # no GPU sync

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import _random
-from ._common import E4M3_MAX, as_2d, check_input, check_tile, pad_2d
+from ._common import E4M3_MAX, as_2d, check_generator, check_input, check_tile, pad_2d
 from ._compile import fused
 from .e2m1 import codes_from_values, pack_nibbles, round_e2m1, round_e2m1_stochastic, signed
 from .quantized import BlockQuantized
@@ -70,6 +70,7 @@ def _mxfp8_apply(xb, scale, dtype, dequant: bool):
 def _mx(x, elem: str, tile, stochastic, generator, dequant, fn):
     x = check_input(x, fn)
     tile = check_tile(tile, MX_TILES, fn)
+    generator = check_generator(generator, fn)
     if stochastic and elem != "e2m1":
         raise ValueError(f"{fn}: stochastic rounding is implemented for the FP4 formats only")
     x2 = pad_2d(as_2d(x.detach()), tile, fn)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _random
-from ._common import E4M3_MAX, FLT_MAX, as_2d, check_amax, check_input, check_tile, pad_2d
+from ._common import E4M3_MAX, FLT_MAX, as_2d, check_amax, check_generator, check_input, check_tile, pad_2d
 from ._compile import fused
 from .e2m1 import (
     packed_codes,
@@ -48,7 +48,9 @@ class NVFP4Tensor:
     shape: the input's shape (M is the product of its leading dims)
 
     When K is not a multiple of 16, data and scale cover K rounded up to 16 (zero
-    padded) and :meth:`dequantize` crops back to ``shape``.
+    padded) and :meth:`dequantize` crops back to ``shape``, except with ``rht=True``:
+    the transformed basis mixes the padding into every column, so the result keeps the
+    padded width (cropping it would lose information).
     """
 
     data: torch.Tensor
@@ -61,11 +63,14 @@ class NVFP4Tensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``e2m1 * fp32(scale) * amax / 2688`` in fp32, then cast to ``dtype``.
 
-        With ``rht=True`` the result is in the transformed basis (as TE's is).
+        With ``rht=True`` the result is in the transformed basis (as TE's is) and has the
+        padded width: ``shape[:-1] + (data.shape[1] * 2,)``.
         """
         q = values_from_codes(unpack_nibbles(self.data))
         s = self.scale.float().repeat_interleave(16, dim=1)
         out = (q * s) * (self.amax.float() / TENSOR_SCALE)
+        if self.rht:
+            return out.to(dtype).reshape(*self.shape[:-1], out.shape[1])
         k = self.shape[-1]
         return out[:, :k].to(dtype).reshape(self.shape)
 
@@ -159,10 +164,11 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
     x = check_input(x, fn)
     tile = check_tile(tile, NVFP4_TILES, fn)
     amax = check_amax(amax, fn)
+    generator = check_generator(generator, fn)
     if rht and tile != (1, 16):
         raise ValueError(f"{fn}: rht=True is for 1x16 operands (Wgrad); got tile={tile}")
     x2 = pad_2d(as_2d(x.detach()), (tile[0], max(tile[1], rht_size if rht else 0)), fn)
-    if rht:
+    if rht and x2.numel():
         x2 = hadamard_transform(x2, rht_size)
     m, k = x2.shape
     if tile == (1, 16):
@@ -206,8 +212,10 @@ def quantize_nvfp4(
     """Quantize ``x`` (fp32/bf16/fp16, blocks along the last dim) to NVFP4, bit-exact with TE.
 
     tile:       ``(1, 16)`` or ``(16, 16)`` (2D weight scaling)
-    rht:        apply the signed 16-point Hadamard transform first (amax taken after it)
-    stochastic: unbiased stochastic rounding, reproducible from ``generator``
+    rht:        apply the signed 16-point Hadamard transform first (amax taken after it);
+                the last dim is zero-padded to a multiple of ``rht_size`` and :meth:`dequantize`
+                keeps that padded width (the transformed basis)
+    stochastic: unbiased stochastic rounding, reproducible from ``generator`` (a torch.Generator)
     amax:       override the per-tensor amax (e.g. one reduced across processes)
 
     >>> import torch, hf_nvfp4
@@ -244,8 +252,11 @@ def fake_quantize_nvfp4(
     """Quantize and dequantize in one fused pass; returns ``x``'s shape and dtype.
 
     Equal, bit for bit, to ``quantize_nvfp4(x, ...).dequantize(x.dtype)`` with the same
-    keywords and generator state. Not differentiable (the output is detached): the
-    training ops define the gradients.
+    keywords and generator state. Not differentiable (the output is detached, also when
+    ``amax`` requires grad): the training ops define the gradients. With ``rht=True`` the
+    result is in the transformed basis and keeps the padded width (K rounded up to a
+    multiple of ``rht_size``); invert it with ``y.view(-1, 16) @ hadamard_matrix(16).T``
+    and crop.
 
     >>> import torch, hf_nvfp4
     >>> x = torch.randn(16, 32, dtype=torch.bfloat16)
@@ -257,17 +268,20 @@ def fake_quantize_nvfp4(
         x, tile, rht, rht_size, stochastic, generator, amax, "fake_quantize_nvfp4"
     )
     m, k = x2.shape
+    rows, cols = as_2d(x).shape
+    if rht:  # the transformed basis keeps the padded width
+        cols = k
+    shape = (*x.shape[:-1], cols)
     if xb.numel() == 0:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
     if seeds is None:
         out = _fake_nearest(xb, scale_f32, enc, g, x.dtype)
     else:
         out = _fake_stochastic(xb, scale_f32, enc, g, x.dtype, seeds)
     out = out.reshape(m, k)
-    rows, cols = as_2d(x).shape
     if (rows, cols) != (m, k):
         out = out[:rows, :cols]
-    return out.reshape(x.shape)
+    return out.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- GEMM operands

@@ -1,40 +1,26 @@
-"""Trainer callbacks: the late switch to higher precision and loss parity against a shadow run.
+"""Trainer callbacks: the late switch to higher precision and weight-health statistics.
 
-Both log through ``trainer.log`` (values added to ``logs`` inside ``on_log`` would reach the
-console only), so their figures land in ``log_history``/trainer_state.json and every
-``report_to`` integration. Callbacks are not handed the Trainer; they find it once, on the
-call stack of ``on_train_begin`` (or take it from :meth:`bind`).
+They log through ``trainer.log`` when bound (``cb.bind(trainer)``; the recipe runner binds its
+own), so their figures land in ``log_history``/trainer_state.json and every ``report_to``
+integration. The schedule of the late switch is :class:`~hf_nvfp4.integrations.switch.LateSwitch`,
+shared with the Accelerate plugin.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import re
 
 import torch
 from transformers import TrainerCallback
 
-from ..formats.registry import PRECISIONS
-from ..nn.convert import set_precision
 from ..nn.linear import NVFP4Linear
 from ._trainer import TrainerBound, unwrap
+from .switch import LateSwitch, parse_tokens
 
 logger = logging.getLogger("hf_nvfp4")
-_UNITS = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
-def parse_tokens(text: str | int | float) -> int:
-    """``"8.2T"`` -> 8_200_000_000_000; plain numbers pass through."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)\s*(tokens)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot read {text!r} as a token count; write e.g. '8.2T', '500M' or 123456")
-    return int(round(float(m.group(1)) * _UNITS[m.group(2).upper()]))
-
-
-class PrecisionSwitchCallback(TrainerBound):
+class PrecisionSwitchCallback(LateSwitch, TrainerBound):
     """Switch every NVFP4Linear to ``to`` (BF16) late in training: the paper's last-18% switch.
 
     switch_at: a fraction of max_steps (float in (0, 1)), an absolute step (int), or a token
@@ -42,7 +28,7 @@ class PrecisionSwitchCallback(TrainerBound):
         ``tokens_per_step`` (or, if not given, the batch size x sequence length x accumulation
         x world size seen in the first batch).
     scope: "all" (all three GEMMs), "forward" (Fprop only, the cheap variant) or "backward"
-        (Dgrad and Wgrad only: the paper's control, which recovers nothing).
+        (Dgrad and Wgrad only, the paper's control).
 
     Logs ``precision_switch_step`` once. Correct after resuming on either side of the switch.
 
@@ -51,70 +37,26 @@ class PrecisionSwitchCallback(TrainerBound):
     >>> cb2 = PrecisionSwitchCallback(tokens="8.2T", tokens_per_step=2**22)
     """
 
-    def __init__(
-        self, switch_at=None, to: str = "bf16", scope: str = "all", *, tokens=None, tokens_per_step: int | None = None
-    ):
-        if (switch_at is None) == (tokens is None):
-            raise ValueError("PrecisionSwitchCallback: give exactly one of switch_at or tokens=")
-        if to not in PRECISIONS:
-            raise ValueError(f"PrecisionSwitchCallback: to must be one of {PRECISIONS}, got {to!r}")
-        if scope not in ("all", "forward", "backward"):
-            raise ValueError(
-                f"PrecisionSwitchCallback: scope must be 'all', 'forward' or 'backward', got {scope!r}"
-            )
-        self.to, self.scope, self.tokens_per_step = to, scope, tokens_per_step
-        self.fraction = self.step = self.tokens = None
-        if tokens is not None or isinstance(switch_at, str):
-            self.tokens = parse_tokens(tokens if tokens is not None else switch_at)
-        elif isinstance(switch_at, bool) or not isinstance(switch_at, (int, float)):
-            raise ValueError(
-                f"PrecisionSwitchCallback: switch_at must be a fraction, a step or a token count, got {switch_at!r}"
-            )
-        elif isinstance(switch_at, float):
-            if not 0.0 < switch_at < 1.0:
-                raise ValueError(f"PrecisionSwitchCallback: a fractional switch_at must be in (0, 1), got {switch_at}")
-            self.fraction = switch_at
-        else:
-            if switch_at < 0:
-                raise ValueError(f"PrecisionSwitchCallback: switch_at step must be >= 0, got {switch_at}")
-            self.step = int(switch_at)
-        self.switch_step: int | None = None
-        self.switched = False
-
-    def _resolve(self, args, state) -> int | None:
-        if self.fraction is not None:
-            return int(round(self.fraction * state.max_steps))
-        if self.step is not None:
-            return self.step
-        if self.tokens_per_step:
-            return int(math.ceil(self.tokens / self.tokens_per_step))
-        return None  # from the first batch
-
-    def _apply(self, model):
-        n = set_precision(model, self.to, scope=self.scope)
-        self.switched = True
-        logger.info("hf_nvfp4: switched %d NVFP4Linear layers to %s (scope=%s)", n, self.to, self.scope)
+    owner = "PrecisionSwitchCallback"
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._args = args
-        self.switch_step = self._resolve(args, state)
+        self.resolve(state.max_steps)
         if self.tokens is not None and self.switch_step is None:
             self._hook = model.register_forward_pre_hook(self._measure, with_kwargs=True)
-        if self.switch_step is not None and state.global_step >= self.switch_step and not self.switched:
-            self._apply(model)  # resumed after the switch
+        if self.due(state.global_step):
+            self.apply(model, notify=state.is_world_process_zero)  # resumed after the switch
 
     def _measure(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or not module.training:
             return
-        world, accum = self._args.world_size, self._args.gradient_accumulation_steps
-        self.tokens_per_step = ids.numel() * world * accum
-        self.switch_step = int(math.ceil(self.tokens / self.tokens_per_step))
+        self.measure(ids.numel() * self._args.world_size * self._args.gradient_accumulation_steps)
         self._hook.remove()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.switch_step is not None and not self.switched and state.global_step >= self.switch_step:
-            self._apply(model)
+        if self.due(state.global_step):
+            self.apply(model, notify=state.is_world_process_zero)
             # Logged with the next log: a trainer.log from on_step_end would cancel this
             # step's own loss log (the callback handler resets should_log in on_log).
             self._pending = float(state.global_step)
@@ -126,7 +68,6 @@ class PrecisionSwitchCallback(TrainerBound):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.on_log(args, state, control)
-
 
 
 class SRStateCallback(TrainerCallback):

@@ -16,6 +16,7 @@ import torch
 
 from ..nn.linear import NVFP4Linear
 from ._trainer import TrainerBound
+from .tokens import encode_pair, encode_prompt, encode_text
 
 logger = logging.getLogger("hf_nvfp4")
 TASK_SRC = Path(__file__).resolve().parent.parent / "tasks"
@@ -70,6 +71,53 @@ def _task_manager(tasks: list[str], include_path):
     return tm
 
 
+def _exact_hflm():
+    """lm-eval's HFLM with the tokenization rule of :mod:`.tokens` (one subclass, built lazily).
+
+    HFLM encodes with the tokenizer's defaults, so a tokenizer that appends a special token
+    (ByT5: ``</s>``) shifts every scored continuation by one token and scores ``</s>`` instead
+    of its first character; rolling perplexity scores an extra ``</s>`` per document.
+    """
+    global _EXACT
+    if _EXACT is not None:
+        return _EXACT
+    import torch.nn.functional as F
+    from lm_eval.models.huggingface import HFLM
+
+    class ExactHFLM(HFLM):
+        def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+            # rolling windows (None) start from prefix_token_id, so only an explicit True adds BOS
+            ids = encode_prompt(self.tokenizer, string) if add_special_tokens else encode_text(self.tokenizer, string)
+            return ids[-left_truncate_len:] if left_truncate_len else ids
+
+        def _encode_pair(self, context, continuation):
+            n = len(context) - len(context.rstrip())
+            if n:  # lm-eval's convention: trailing spaces of the context belong to the continuation
+                context, continuation = context[:-n], context[-n:] + continuation
+            return encode_pair(self.tokenizer, context, continuation)
+
+        def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+            rows = [encode_prompt(self.tokenizer, s) for s in strings]
+            if left_truncate_len:
+                rows = [r[-left_truncate_len:] for r in rows]
+            width = max(len(r) for r in rows)
+            pad = self.tokenizer.pad_token_id
+            pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+            ids, mask = [], []
+            for r in rows:
+                t, m = torch.tensor(r, dtype=torch.long), torch.ones(len(r), dtype=torch.long)
+                spec = (width - len(r), 0) if padding_side == "left" else (0, width - len(r))
+                ids.append(F.pad(t, spec, value=pad))
+                mask.append(F.pad(m, spec, value=0))
+            return torch.stack(ids), torch.stack(mask)
+
+    _EXACT = ExactHFLM
+    return _EXACT
+
+
+_EXACT = None
+
+
 def _set_precision(model, precision):
     saved = [(m, m.precision, m.forward_precision) for m in model.modules() if isinstance(m, NVFP4Linear)]
     if precision is not None:
@@ -105,6 +153,10 @@ def evaluate_lm(
 ) -> dict:
     """Run lm-eval's ``simple_evaluate`` on a live model; returns lm-eval's results dict unchanged.
 
+    Tokenization (any tokenizer): the context and the continuation are tokenized once each,
+    with no special token between or after them; BOS leads the context only where the
+    tokenizer's default call puts one (see :mod:`hf_nvfp4.integrations.tokens`).
+
     precision: evaluate the same weights with NVFP4 forward numerics (``"nvfp4"``) or BF16
     (``"bf16"``); None keeps each layer's current setting. The model's train/eval mode and
     precisions are restored afterwards. Under distributed training only the main process
@@ -122,13 +174,12 @@ def evaluate_lm(
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     tm = _task_manager(tasks, include_path)
     was_training = model.training
     saved = _set_precision(model, precision)
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = _exact_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         with torch.no_grad():
             res = lm_eval.simple_evaluate(
                 model=lm,

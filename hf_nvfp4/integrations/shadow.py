@@ -1,32 +1,44 @@
-"""FP8ShadowCallback: loss parity of an NVFP4 run against an FP8 (or BF16) run of the same model."""
+"""FP8ShadowCallback: loss parity of an NVFP4 run against an FP8 (or BF16) run of the same model.
+
+The lockstep machinery is :class:`~hf_nvfp4.integrations.shadow_run.ShadowRun`, shared with the
+Accelerate plugin; this module adds the Trainer events, the side file and the reference mode.
+"""
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
-from ..formats.registry import PRECISIONS
-from ..nn.convert import convert_model, find_blocks, unconvert_model
-from ..ops.baselines import FP8_ALLOCATIONS, fp8_baseline_recipe
-from ..ops.recipe import NVFP4Recipe
 from ._trainer import SHADOW_FILE, TrainerBound, checkpoint_dir, unwrap
+from .shadow_run import ShadowRun
 
 
-def _shadow_tag(fmt: str) -> str:
-    return "bf16" if fmt == "bf16" else "fp8" if fmt.startswith("fp8") or fmt == "mxfp8" else fmt
-
+def load_side_file(path: Path, owner: str) -> dict:
+    """A side file this package wrote, loaded with ``torch.load(weights_only=True)``: tensors and
+    plain containers only, so a pickle planted in its place cannot run code."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise ValueError(
+            f"{owner}: {str(path)!r} is not a checkpoint file this package wrote (it was loaded with "
+            f"torch.load(weights_only=True) and refused: {str(exc).splitlines()[0]}); delete or replace it"
+        ) from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"{owner}: {str(path)!r} holds a {type(blob).__name__}, not a saved state dict")
+    return blob
 
 class FP8ShadowCallback(TrainerBound):
     """Judge NVFP4 by its loss relative to an FP8 (or BF16) run of the same model.
 
     mode="lockstep": a shadow copy of the model, identical at step 0, computes with the paper's
         FP8 baseline numerics (``format="fp8_block"``: E4M3, 1x128 activation/gradient blocks,
-        128x128 weight blocks; BF16 blocks as ``allocation`` says), has its own AdamW with the
+        128x128 weight blocks; BF16 blocks as ``allocation`` says; through Transformer Engine's
+        Float8BlockScaling where TE runs it, compute capability >= 9.0), has its own AdamW with the
         same hyperparameters and schedule, and trains on exactly the same micro-batches. Costs
         one more model, its optimizer state and gradients (about 2x the memory of the weights'
         training state) and about one more training step of compute per step.
@@ -42,7 +54,8 @@ class FP8ShadowCallback(TrainerBound):
     At each logging step it logs ``shadow_fp8_loss``, ``loss_gap_vs_fp8`` =
     (loss - shadow_fp8_loss) / shadow_fp8_loss and ``loss_gap_vs_fp8_smoothed`` (an EMA); with
     ``format="bf16"`` the keys say ``bf16``. The shadow's weights, optimizer, schedule and
-    stochastic-rounding stream go into every checkpoint and come back on resume.
+    stochastic-rounding stream go into every checkpoint (``nvfp4_shadow.pt``, read back with
+    ``torch.load(weights_only=True)``) and come back on resume.
 
     >>> from hf_nvfp4 import FP8ShadowCallback
     >>> cb = FP8ShadowCallback()                      # lockstep FP8 shadow
@@ -62,62 +75,40 @@ class FP8ShadowCallback(TrainerBound):
     ):
         if mode not in ("lockstep", "reference"):
             raise ValueError(f"FP8ShadowCallback: mode must be 'lockstep' or 'reference', got {mode!r}")
-        if format not in PRECISIONS or format == "nvfp4":
-            raise ValueError(
-                f"FP8ShadowCallback: format must be one of {[p for p in PRECISIONS if p != 'nvfp4']}, got {format!r}"
-            )
-        if not 0 <= smoothing < 1:
-            raise ValueError(f"FP8ShadowCallback: smoothing must be in [0, 1), got {smoothing}")
-        self.mode, self.format, self.smoothing = mode, format, smoothing
-        self.tag = _shadow_tag(format)
-        if allocation not in FP8_ALLOCATIONS:
-            raise ValueError(f"FP8ShadowCallback: allocation must be one of {FP8_ALLOCATIONS}, got {allocation!r}")
-        self.first, self.last, self.allocation = bf16_first_blocks, bf16_last_blocks, allocation
-        self.reference = load_reference_losses(reference) if mode == "reference" else None
+        self.run = ShadowRun(format, smoothing=smoothing, bf16_first_blocks=bf16_first_blocks,
+                             bf16_last_blocks=bf16_last_blocks, allocation=allocation, owner="FP8ShadowCallback")
+        self.mode, self.format, self.smoothing, self.tag = mode, format, smoothing, self.run.tag
         if mode == "lockstep" and reference is not None:
             raise ValueError("FP8ShadowCallback: reference= is for mode='reference'")
-        self.shadow = self.optimizer = self.scheduler = None
+        self.reference = load_reference_losses(reference) if mode == "reference" else None
         self._batches: list[dict] = []
-        self._losses: list[float] = []
-        self._ema = None
         self._logging = False
+
+    @property
+    def shadow(self):
+        """The shadow model (None before training starts)."""
+        return self.run.model
 
     # -- lockstep -----------------------------------------------------------------------------
     def _build_shadow(self, model, args, state):
         base = unwrap(model)
-        shadow = copy.deepcopy(base)
-        shadow.__dict__.pop("hf_quantizer", None)
-        unconvert_model(shadow)
-        if self.format != "bf16":
-            n_blocks = len(find_blocks(shadow)[1])
-            like = getattr(base, "nvfp4_state", None)
-            alloc = fp8_baseline_recipe(n_blocks, self.allocation, like=like.recipe if like else None)
-            first = alloc.bf16_first_blocks if self.first is None else self.first
-            last = alloc.bf16_last_blocks if self.last is None else self.last
-            cfg = NVFP4Recipe.for_format(
-                self.format, bf16_first_blocks=first, bf16_last_blocks=last, backend="emulated"
-            )
-            convert_model(shadow, cfg)
-        shadow.train()
         from transformers import Trainer, get_scheduler
 
-        decay = set(Trainer.get_decay_parameter_names(None, shadow))  # the Trainer's own rule
-        named = [(n, p) for n, p in shadow.named_parameters() if p.requires_grad]
+        decay = set(Trainer.get_decay_parameter_names(None, base))  # the Trainer's own rule
+        named = [n for n, p in base.named_parameters() if p.requires_grad]
+        hyper = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
         groups = [
-            {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
-            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+            {"names": [n for n in named if n in decay], "weight_decay": args.weight_decay, **hyper},
+            {"names": [n for n in named if n not in decay], "weight_decay": 0.0, **hyper},
         ]
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
-        )
-        self.scheduler = get_scheduler(
+        self.run.build(base, groups)
+        self.run.scheduler = get_scheduler(
             args.lr_scheduler_type,
-            self.optimizer,
+            self.run.optimizer,
             num_warmup_steps=args.get_warmup_steps(state.max_steps),
             num_training_steps=state.max_steps,
             scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
         )
-        self.shadow = shadow
         self._hook = base.register_forward_pre_hook(self._capture, with_kwargs=True)
 
     def _capture(self, module, args, kwargs):
@@ -131,34 +122,14 @@ class FP8ShadowCallback(TrainerBound):
         batches, self._batches = self._batches, []
         if not batches:
             return
-        device = next(self.shadow.parameters()).device
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        total = 0.0
         for b in batches:
-            b = {k: v.to(device) for k, v in b.items()}
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = self.shadow(**b).loss
-            (loss / len(batches)).backward()
-            total += loss.item() / len(batches)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            for p in self.shadow.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-            t = torch.tensor([total], device=device)
-            torch.distributed.all_reduce(t)
-            total = t.item() / world
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.shadow.parameters(), args.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._losses.append(total)
+            self.run.backward(b, divisor=len(batches), autocast_dtype=dtype)
+        self.run.step(max_grad_norm=args.max_grad_norm)
 
     # -- callback events -----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.mode == "lockstep" and self.shadow is None:
+        if self.mode == "lockstep" and self.run.model is None:
             self._build_shadow(model, args, state)
             if state.global_step > 0:
                 self._load(checkpoint_dir(args, state))
@@ -172,47 +143,29 @@ class FP8ShadowCallback(TrainerBound):
             return
         loss = float(logs["loss"])
         if self.mode == "lockstep":
-            if not self._losses:
-                return
-            ref = sum(self._losses) / len(self._losses)
-            self._losses = []
+            metrics = self.run.report(loss)
         else:
             ref = self.reference_at(state.global_step)
-            if ref is None:
-                return
-        gap = (loss - ref) / ref
-        self._ema = gap if self._ema is None else self.smoothing * self._ema + (1 - self.smoothing) * gap
+            metrics = None if ref is None else self._reference_gap(loss, ref)
+        if metrics is None:
+            return
         self._logging = True
         try:
-            self.log_metrics(
-                args,
-                state,
-                control,
-                {
-                    f"shadow_{self.tag}_loss": ref,
-                    f"loss_gap_vs_{self.tag}": gap,
-                    f"loss_gap_vs_{self.tag}_smoothed": self._ema,
-                },
-            )
+            self.log_metrics(args, state, control, metrics)
         finally:
             self._logging = False
 
+    def _reference_gap(self, loss: float, ref: float) -> dict:
+        self.run.pending = [ref]  # the reference run plays the shadow's part
+        return self.run.report(loss)
+
     def on_save(self, args, state, control, **kwargs):
-        if self.mode != "lockstep" or self.shadow is None:
+        if self.mode != "lockstep" or self.run.model is None:
             return
         d = checkpoint_dir(args, state)
         d.mkdir(parents=True, exist_ok=True)
-        rank = int(os.environ.get("RANK", "0"))
-        st = getattr(self.shadow, "nvfp4_state", None)
-        blob = {
-            "model": self.shadow.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "ema": self._ema,
-            "pending": self._losses,
-            "sr": st.state_dict() if st is not None else None,
-        }
-        if rank == 0 or not torch.distributed.is_initialized():
+        blob = self.run.state_dict()
+        if int(os.environ.get("RANK", "0")) == 0 or not torch.distributed.is_initialized():
             torch.save(blob, d / SHADOW_FILE)
 
     def _load(self, d: Path):
@@ -222,14 +175,7 @@ class FP8ShadowCallback(TrainerBound):
                 f"FP8ShadowCallback: resuming at {d} but it holds no {SHADOW_FILE}; the shadow "
                 "cannot continue in lockstep (start the shadow from step 0)"
             )
-        blob = torch.load(f, weights_only=False)
-        self.shadow.load_state_dict(blob["model"])
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
-        self._ema, self._losses = blob["ema"], list(blob["pending"])
-        st = getattr(self.shadow, "nvfp4_state", None)
-        if st is not None and blob["sr"]:
-            st.load_state_dict(blob["sr"])
+        self.run.load_state_dict(load_side_file(f, "FP8ShadowCallback"))
 
     # -- reference -----------------------------------------------------------------------------
     def reference_at(self, step: int) -> float | None:
@@ -241,7 +187,6 @@ class FP8ShadowCallback(TrainerBound):
             s0, s1, l0, l1 = steps[i - 1], steps[i], losses[i - 1], losses[i]
             return l0 + (l1 - l0) * (step - s0) / (s1 - s0)
         return None
-
 
 def load_reference_losses(path) -> tuple[list[int], list[float]]:
     """(steps, losses) from a trainer_state.json or a CSV with columns step[,tokens],loss."""

@@ -178,10 +178,13 @@ def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> 
 
 def unconvert_model(model: nn.Module) -> nn.Module:
     """Turn every NVFP4Linear back into a plain nn.Linear (same parameters), in place."""
+    from .te_backend import detach_te
+
     for mod in model.modules():
         if isinstance(mod, NVFP4Linear):
             detach_states(mod)
-            for attr in ("nvfp4_state", "backend", "_te_module", "_te_recipe"):
+            detach_te(mod)  # issue 12: every _te_* attribute
+            for attr in ("nvfp4_state", "backend"):
                 mod.__dict__.pop(attr, None)
             mod.__class__ = nn.Linear
     model.__dict__.pop("nvfp4_state", None)
@@ -209,6 +212,7 @@ def set_recipe(model: nn.Module, recipe=None, **changes) -> nn.Module:
     new = (as_recipe(recipe) if recipe is not None else state.recipe).replace(**changes)
     switch = (state.precision, state.forward_precision)
     convert_model(model, new, rank=state.rank)
+    model.nvfp4_state.draw_generator = state.draw_generator  # the SR draw source stays the caller's
     if switch != (state.recipe.format, None):
         try:
             model.nvfp4_state.set_precision(*switch)

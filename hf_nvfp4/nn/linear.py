@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import weakref
+import zlib
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,10 @@ class NVFP4State:
         self.precision = self._recipe.format  # the switch state, shared by every layer
         self.forward_precision: str | None = None
         self._generators: dict[str, torch.Generator] = {}
+        # Where the per-forward draw comes from: None = torch's default CPU generator. The
+        # Accelerate plugin gives it a generator of its own, which it checkpoints, so what a
+        # custom loop draws between load_state and the next forward cannot shift the SR stream.
+        self.draw_generator: torch.Generator | None = None
         self._base = self._mix(0)
         self._layers: weakref.WeakSet = weakref.WeakSet()
 
@@ -64,7 +69,7 @@ class NVFP4State:
             return
         if not self.uses_stochastic():
             return  # draws nothing: runs without SR leave torch's default generator untouched
-        draw = int(torch.randint(0, 2**62, (1,), generator=torch.default_generator))
+        draw = int(torch.randint(0, 2**62, (1,), generator=self.draw_generator or torch.default_generator))
         self._base = self._mix(draw)
         self._generators.clear()
 
@@ -73,7 +78,9 @@ class NVFP4State:
         g = self._generators.get(key)
         if g is None:
             g = torch.Generator(device=device)
-            g.manual_seed(self._base ^ (hash(key) & 0xFFFF))
+            # crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), and a resumed
+            # run in a new process must draw the same SR noise
+            g.manual_seed(self._base ^ (zlib.crc32(key.encode()) & 0xFFFF))
             self._generators[key] = g
         return g
 
@@ -191,11 +198,12 @@ class NVFP4Linear(nn.Linear):
                                     st.generator(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        st = self.nvfp4_state
-        if self._te_module is not None and st.precision == st.recipe.format and st.forward_precision is None:
+        if self.backend == "te":  # issue 12: the TE adapter takes the call, or None sends it to the emulation
             from .te_backend import te_forward
 
-            return te_forward(self, x)
+            y = te_forward(self, x)
+            if y is not None:
+                return y
         return quantized_linear(x, self.weight, self.bias, self.plan(x.device))
 
     def extra_repr(self) -> str:

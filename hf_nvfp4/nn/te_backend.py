@@ -1,43 +1,84 @@
-"""Transformer Engine backend: te.Linear under an NVFP4BlockScaling autocast (Blackwell only).
+"""Transformer Engine backend: an NVFP4Linear's GEMMs through a ``te.Linear``, decided per call.
 
-TE is never imported at package import. The pure parts (flag mapping, version and
-hardware checks) are plain functions with tests; the rest runs only where TE imports and
-the GPU can train NVFP4 (compute capability 10.x). There the NVFP4Linear keeps its own
-weight and bias Parameters and hands them to a te.Linear it holds outside the module tree,
-so the state_dict stays exactly weight (+ bias).
+Written against TE's source (NVIDIA/TransformerEngine, 2.20.0.dev0); it has never run on a
+Blackwell GPU. Its contract is tested against a TE stand-in (tests/te_standin), which is not TE.
+
+- TE is never imported at package import; ``te_status`` says whether it can run here and why not.
+- Binding: the ``te.Linear`` is built lazily on the first CUDA forward, with ``device="meta"``
+  (TE's default device is "cuda": it would allocate and initialise a weight on the current
+  GPU, consuming CUDA RNG), and before every call its ``weight`` entry is pointed at the
+  NVFP4Linear's *current* Parameter. from_pretrained (transformers 5 replaces Parameter
+  objects while loading), FSDP2, ``load_state_dict(assign=True)`` and ``to_empty()`` swap them.
+  The bias is added here in the compute dtype, as the emulation does (TE rounds an fp32 bias
+  to bf16 for quantized GEMMs, module/linear.py). The state_dict stays weight (+ bias).
+- Calls TE cannot take are made to fit where that is exact, or go to the emulated path for
+  that call, said once per reason: token counts are zero padded and sliced back; an input
+  whose dtype differs from the parameters' outside autocast runs under
+  ``torch.autocast(dtype=x.dtype)`` (TE quantizes the weight from its own dtype either way);
+  an RHT recipe with a non-bf16 compute dtype, a CPU input, or a precision TE has no recipe
+  for runs emulated.
+- Stochastic rounding: TE draws it from the default CUDA generator, so ``NVFP4Config.seed``
+  does not apply; ``torch.cuda.manual_seed`` and the CUDA RNG state (the Trainer's RNG
+  checkpoint) do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import math
+import os
 
 import torch
 
 from ..ops.recipe import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES
+from .te_recipes import build_recipe, layer_unsupported, needs_bf16, te_recipe_kwargs, token_multiple
+
+__all__ = ["attach_te", "detach_te", "select_backend", "te_forward", "te_recipe_kwargs", "te_status"]
 
 logger = logging.getLogger("hf_nvfp4")
 MIN_TE = (2, 8)
+SR_FIX_TE = (2, 19)  # TE PR #3281 (merged 2026-08-12, after v2.18): SR on GPUs without cvt.rs
+_TE_DEVICE_TYPE = "cuda"  # the device TE computes on; tests with the TE stand-in set "cpu"
+_CHECKS = {  # precision -> TE's support check (quantization.py; fp8.py on TE 2.8)
+    "nvfp4": "check_nvfp4_support",
+    "fp8_tensor": "check_fp8_support",
+    "fp8_block": "check_fp8_block_scaling_support",
+    "mxfp8": "check_mxfp8_support",
+}
+SR_CAVEAT = (
+    "hf_nvfp4: under Transformer Engine, stochastic rounding draws from the default CUDA generator: "
+    "NVFP4Config.seed does not apply; torch.cuda.manual_seed / transformers.set_seed and the CUDA RNG "
+    "state (which the Trainer checkpoints) do"
+)
+_SAID: set[str] = set()
+_STATUS: dict[tuple, tuple[bool, str]] = {}
 
 
-def te_recipe_kwargs(config) -> dict:
-    """Our config -> ``NVFP4BlockScaling(**kwargs)``: the flags have TE's names and meanings."""
-    return {
-        "disable_rht": config.disable_rht,
-        "disable_stochastic_rounding": config.disable_stochastic_rounding,
-        "disable_2d_quantization": config.disable_2d_quantization,
-    }
+def say_once(key: str, level: int, msg: str, *args) -> None:
+    if key not in _SAID:
+        _SAID.add(key)
+        logger.log(level, msg, *args)
+
+
+def reset() -> None:
+    """Forget cached TE checks and once-only messages (for tests)."""
+    _SAID.clear()
+    _STATUS.clear()
 
 
 def te_unsupported_reason(config) -> str | None:
-    """Why TE cannot run this config exactly, or None."""
-    if config.format != "nvfp4":
-        return f"format={config.format!r} runs on the emulated backend (TE is used for nvfp4 only)"
-    if config.rht_size != 16:
+    """Why TE cannot run ``config`` (anything with NVFP4Config's field names) at all, or None."""
+    if config.format in ("mxfp4", "bf16"):
+        return f"format={config.format!r} runs on the emulated backend (Transformer Engine has no recipe for it)"
+    if config.format == "nvfp4" and config.rht_size != 16 and not config.disable_rht:
         return f"TE's RHT is 16-point; rht_size={config.rht_size} needs the emulated backend"
     rht = tuple(getattr(config, "rht_gemms", PAPER_RHT_GEMMS))
     sr = sorted(getattr(config, "stochastic_roles", PAPER_STOCHASTIC_ROLES))
-    if rht != PAPER_RHT_GEMMS or sr != sorted(PAPER_STOCHASTIC_ROLES):
+    moved = (not config.disable_rht and rht != PAPER_RHT_GEMMS) or (
+        not config.disable_stochastic_rounding and sr != sorted(PAPER_STOCHASTIC_ROLES))
+    if moved:  # issue 16's negative controls: TE has no such placement
         return "RHT/stochastic rounding moved off the paper's operands (a negative control) needs the emulated backend"
     return None
 
@@ -50,35 +91,71 @@ def parse_version(v: str) -> tuple[int, int]:
         return (0, 0)
 
 
-def te_status() -> tuple[bool, str]:
-    """(usable, reason): TE >= 2.8 importable and the GPU can train NVFP4."""
+def has_sr_fix(version: str) -> bool:
+    """TE with PR #3281: >= 2.20, or a 2.19 release (2.19 dev builds from before 2026-08-12 lack it)."""
+    v = parse_version(version)
+    return v > SR_FIX_TE or (v == SR_FIX_TE and "dev" not in version)
+
+
+def nvfp4_capability_reason(capability: tuple[int, int], version: str, stochastic: bool = True) -> str | None:
+    """Why NVFP4 training through TE ``version`` is not known to work on this GPU, or None."""
+    major, minor = capability
+    if major == 10:
+        return None
+    if major in (11, 12):
+        if not stochastic or has_sr_fix(version):
+            return None
+        return (
+            f"compute capability {major}.{minor} has no cvt.rs instruction, and Transformer Engine {version} "
+            "returns all-zero NVFP4 data for stochastically rounded tensors there (silent training on zero "
+            "gradients; fixed by TE PR #3281, after 2.18). Install transformer-engine >= 2.19, or set "
+            "disable_stochastic_rounding=True"
+        )
+    return f"NVFP4 training through TE needs compute capability 10.x (12.x: TE >= 2.19), this GPU is {major}.{minor}"
+
+
+def _te_check(precision: str) -> tuple[bool, str]:
+    for mod_name in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
+        try:
+            fn = getattr(importlib.import_module(mod_name), _CHECKS[precision], None)
+        except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA install
+            continue
+        if fn is not None:
+            ok, reason = fn()
+            return bool(ok), str(reason or "")
+    return False, f"this Transformer Engine has no {_CHECKS[precision]}"
+
+
+def te_status(precision: str = "nvfp4", stochastic: bool = True) -> tuple[bool, str]:
+    """(usable, reason): TE >= 2.8 importable and able to run ``precision`` on this GPU."""
+    key = (precision, stochastic)
+    if key in _STATUS:
+        return _STATUS[key]
     try:
         te = importlib.import_module("transformer_engine")
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken CUDA install
         return False, f"transformer_engine is not importable ({type(exc).__name__})"
-    version = getattr(te, "__version__", "0.0")
+    version = str(getattr(te, "__version__", "0.0"))
     if parse_version(version) < MIN_TE:
         return False, f"transformer_engine {version} is older than 2.8 (no NVFP4BlockScaling)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    for mod_name in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
-        try:
-            mod = importlib.import_module(mod_name)
-        except Exception:  # noqa: BLE001
-            continue
-        fn = getattr(mod, "is_nvfp4_available", None) or getattr(mod, "check_nvfp4_support", None)
-        if fn is None:
-            continue
-        res = fn(return_reason=True) if fn.__name__ == "is_nvfp4_available" else fn()
-        ok, reason = (res, "") if isinstance(res, bool) else (bool(res[0]), str(res[1]))
-        if ok:
-            return True, f"transformer_engine {version} on {torch.cuda.get_device_name()}"
-        return False, reason or "TE reports no NVFP4 support on this GPU"
-    # TE does not refuse early on other GPUs: check the compute capability ourselves.
-    major, minor = torch.cuda.get_device_capability()
-    if major == 10:
-        return True, f"transformer_engine {version}, compute capability {major}.{minor}"
-    return False, f"NVFP4 training needs compute capability 10.x, this GPU is {major}.{minor}"
+    if precision not in _CHECKS:
+        return False, f"Transformer Engine has no recipe for {precision!r}"
+    cap = tuple(torch.cuda.get_device_capability())
+    ok, reason = _te_check(precision)
+    if ok and precision == "nvfp4":
+        why = nvfp4_capability_reason(cap, version, stochastic)
+        ok, reason = why is None, why or ""
+    if not ok:
+        res = (False, reason or f"Transformer Engine reports no {precision} support on this GPU")
+    else:
+        res = (
+            True,
+            f"transformer_engine {version} on {torch.cuda.get_device_name()} (compute capability {cap[0]}.{cap[1]})",
+        )
+    _STATUS[key] = res
+    return res
 
 
 def select_backend(config, model=None) -> tuple[str, str]:
@@ -86,14 +163,25 @@ def select_backend(config, model=None) -> tuple[str, str]:
     if config.backend == "emulated":
         return "emulated", "asked for"
     unsupported = te_unsupported_reason(config)
-    usable, reason = (False, unsupported) if unsupported else te_status()
+    stochastic = not config.disable_stochastic_rounding
+    usable, reason = (False, unsupported) if unsupported else te_status(config.format, stochastic)
     if config.backend == "te" and not usable:
         raise RuntimeError(
             f"NVFP4Config(backend='te') but Transformer Engine cannot run here: {reason}. "
             "Use backend='auto' or 'emulated' to train with the bit-faithful emulation."
         )
-    if usable and model is not None and next(model.parameters(), torch.empty(0)).device.type != "cuda":
-        logger.info("hf_nvfp4: TE is usable, but the model is not on a CUDA device yet; it is bound on first use")
+    if usable and config.format == "nvfp4" and stochastic:
+        say_once("sr-caveat", logging.WARNING, SR_CAVEAT)
+    if usable and os.environ.get("NVTE_USE_FAST_MATH", "0") not in ("", "0"):
+        # read by TE's C++ quantizer on every cast (csrc/quantizer.cpp), so no recipe field can pin it
+        say_once(
+            "fast-math",
+            logging.WARNING,
+            "hf_nvfp4: NVTE_USE_FAST_MATH is set: TE's NVFP4 casts then use an approximate reciprocal and skip "
+            "the bf16 rounding of RHT outputs, so they are no longer bit-identical to the recipe's",
+        )
+    if usable and model is not None and next(model.parameters(), torch.empty(0)).device.type != _TE_DEVICE_TYPE:
+        logger.info("hf_nvfp4: TE is usable; each layer's te.Linear is built on its first CUDA forward")
     return ("te", reason) if usable else ("emulated", reason)
 
 
@@ -104,25 +192,138 @@ def _te():
 
 
 def attach_te(layer) -> None:
-    """Give ``layer`` a te.Linear that computes with the layer's own Parameters."""
-    te, recipe_mod = _te()
-    with torch.device("meta"):
+    """Mark ``layer`` for TE; its te.Linear is built on the first CUDA forward (nothing allocated now)."""
+    object.__setattr__(layer, "_te_module", None)  # outside the module tree: state_dict unchanged
+    object.__setattr__(layer, "_te_recipes", {})
+
+
+def detach_te(layer) -> None:
+    """Remove every TE attribute from ``layer`` (unconvert_model)."""
+    for name in [n for n in layer.__dict__ if n.startswith("_te_")]:
+        del layer.__dict__[name]
+
+
+def _config(layer):
+    state = layer.nvfp4_state
+    return getattr(state, "recipe", None) or state.config  # frozen recipe (issue 10) or the config
+
+
+def _bound_module(layer, te):
+    mod = layer.__dict__.get("_te_module")
+    if mod is None:
         mod = te.Linear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None, params_dtype=layer.weight.dtype
+            layer.in_features, layer.out_features, bias=False, params_dtype=layer.weight.dtype, device="meta"
         )
-    mod.weight = layer.weight  # share, never copy: optimizers and checkpoints see one tensor
-    if layer.bias is not None:
-        mod.bias = layer.bias
-    object.__setattr__(layer, "_te_module", mod)  # outside the module tree
-    object.__setattr__(layer, "_te_recipe", recipe_mod.NVFP4BlockScaling(**te_recipe_kwargs(layer.nvfp4_state.recipe)))
+        object.__setattr__(layer, "_te_module", mod)
+    if mod._parameters.get("weight") is not layer.weight:
+        mod._parameters["weight"] = layer.weight  # share, never copy: optimizers and checkpoints see one tensor
+    if mod.training != layer.training:
+        mod.train(layer.training)
+    return mod
 
 
-def te_forward(layer, x: torch.Tensor) -> torch.Tensor:
+def _recipe(layer, recipe_mod, cfg, precision, fwd):
+    cache = layer.__dict__.setdefault("_te_recipes", {})
+    key = (precision, fwd)
+    if key not in cache:
+        why = layer_unsupported(precision, layer.in_features, layer.out_features)
+        cache[key] = (None, why) if why else build_recipe(recipe_mod, cfg, precision, fwd)
+    return cache[key]
+
+
+class _AddBias(torch.autograd.Function):
+    """``y + bias`` in y's dtype, the bias gradient summed in fp32: as the emulated path does."""
+
+    @staticmethod
+    def forward(ctx, y, bias):
+        ctx.bias_dtype = bias.dtype
+        return y + bias.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, dy.reshape(-1, dy.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+
+
+def _autocast(te, recipe):
+    if getattr(te, "autocast", None) is not None:  # TE >= 2.9
+        return te.autocast(enabled=True, recipe=recipe)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
+
+
+def te_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer(x)`` through TE, or None when this call must run on the emulated path."""
+    precision, fwd = layer.precision, layer.forward_precision
+    fwd = None if fwd == precision else fwd
+    if precision == "bf16" and fwd is None:
+        return None  # plain torch GEMMs; TE adds nothing
+    dev = _TE_DEVICE_TYPE
+    if x.device.type != dev:
+        say_once(
+            f"device-{x.device.type}",
+            logging.INFO,
+            "hf_nvfp4: input on %s, not CUDA: emulated path until it moves",
+            x.device,
+        )
+        return None
+    cfg = _config(layer)
+    ok, reason = te_status(precision, not cfg.disable_stochastic_rounding)
+    recipe = None
+    if ok:
+        recipe, reason = _recipe(layer, _te()[1], cfg, precision, fwd)
+    if recipe is None:
+        say_once(
+            f"recipe-{precision}-{fwd}-{reason}",
+            logging.WARNING,
+            "hf_nvfp4: precision=%s%s runs on the emulated path: %s",
+            precision,
+            f" (forward {fwd})" if fwd else "",
+            reason,
+        )
+        return None
+    in_autocast = torch.is_autocast_enabled(dev)
+    cdtype = torch.get_autocast_dtype(dev) if in_autocast else x.dtype
+    if needs_bf16(cfg, precision) and cdtype != torch.bfloat16:
+        say_once(
+            f"rht-{cdtype}",
+            logging.WARNING,
+            "hf_nvfp4: TE's RHT takes bf16 input only (quantizer.cpp), this model computes in %s: those "
+            "calls run on the emulated path (train under torch.autocast('cuda', dtype=torch.bfloat16) to "
+            "use TE, or set disable_rht=True)",
+            cdtype,
+        )
+        return None
+    cast = contextlib.nullcontext()
+    if not in_autocast and layer.weight.dtype != x.dtype:
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            say_once(
+                f"dtype-{x.dtype}-{layer.weight.dtype}",
+                logging.WARNING,
+                "hf_nvfp4: input %s with %s parameters outside autocast: TE needs them equal "
+                "(module/base.py), so those calls run on the emulated path",
+                x.dtype,
+                layer.weight.dtype,
+            )
+            return None
+        cast = torch.autocast(dev, dtype=x.dtype)  # the emulation's compute dtype too; exact
     te, _ = _te()
-    autocast = getattr(te, "autocast", None)
-    if autocast is not None:  # TE >= 2.9
-        ctx = autocast(enabled=True, recipe=layer._te_recipe)
-    else:
-        ctx = te.fp8_autocast(enabled=True, fp8_recipe=layer._te_recipe)
-    with ctx:
-        return layer._te_module(x)
+    mod = _bound_module(layer, te)
+    lead, k = x.shape[:-1], x.shape[-1]
+    m = math.prod(lead)
+    x2 = x.reshape(m, k)
+    pad = (-m) % token_multiple(precision)
+    if pad:
+        say_once(
+            f"pad-{precision}",
+            logging.INFO,
+            "hf_nvfp4: TE needs token counts divisible by %d; other counts (generate(), odd batches) are "
+            "zero padded in the adapter and sliced back",
+            token_multiple(precision),
+        )
+        x2 = torch.cat([x2, x2.new_zeros(pad, k)])
+    with cast, _autocast(te, recipe):
+        y = mod(x2)
+    if pad:
+        y = y[:m]
+    if layer.bias is not None:
+        y = _AddBias.apply(y, layer.bias)
+    return y.reshape(*lead, layer.out_features)

@@ -58,6 +58,13 @@ def _operand(x2: torch.Tensor, spec: QuantizerSpec, dtype, generator=None):
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, ga, gb, out_dtype) -> torch.Tensor:
+    if a.dtype == torch.float16 and (ga is not None or gb is not None):
+        # fp16 (issue 11): the operands are exact in fp16 but reach 6 * 448 = 2688 before their
+        # per-tensor factors, so one product is ~7e6, past fp16's 65504. GEMM and rescale in
+        # fp32 (exact widening; outside autocast, which would cast back), round to the output once.
+        alpha = (ga if ga is not None else 1.0) * (gb if gb is not None else 1.0)
+        with torch.autocast(a.device.type, enabled=False):
+            return ((a.float() @ b.float()) * alpha).to(out_dtype)
     out = a @ b
     if ga is not None or gb is not None:
         alpha = (ga if ga is not None else 1.0) * (gb if gb is not None else 1.0)
@@ -165,4 +172,6 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if plan.high_precision():
         dtype = _compute_dtype(x)
         return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    if not torch.is_grad_enabled():  # inference (e.g. generate()): no Wgrad operand to prepare
+        weight = weight.detach()
     return _QuantizedLinear.apply(x, weight, bias, plan)

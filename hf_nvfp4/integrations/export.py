@@ -1,0 +1,377 @@
+"""Export a model trained with the NVFP4 recipe to NVFP4 serving checkpoints.
+
+Train in NVFP4, serve in NVFP4: the codes and E4M3 scales written are the training-time
+Fprop weight quantization, ``quantize_nvfp4(W, tile=(16, 16))``. A 16x16 tile's scale is
+stored on each of its 16 rows, which is exactly the 1x16 layout serving engines read, so
+for every layer an engine runs alone the served weights are bit for bit the ones the model
+computed with in training. Engines run q/k/v and gate/up as one GEMM with one tensor scale,
+so those siblings are quantized with their joint amax; the report says how far that moved
+them. Layouts and scale directions: :mod:`hf_nvfp4.integrations.serving_formats`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..formats.e2m1 import unpack_nibbles
+from ..formats.nvfp4 import quantize_nvfp4
+from ..nn.convert import plan_conversion
+from ..nn.linear import NVFP4Linear
+from ..ops.recipe import quantizer_for
+from .serving_formats import FORMATS, SCHEMES, layer_tensors, quant_config, write_safetensors
+
+# Siblings a serving engine runs as one GEMM (vLLM's packed_modules_mapping: qkv_proj and
+# gate_up_proj; w13 of Mixtral-style experts). They must share one tensor scale.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+REPORT_FILE = "nvfp4_export.json"
+_WRITTEN = ("config.json", "hf_quant_config.json", "generation_config.json", REPORT_FILE)
+_WRITTEN += ("model.safetensors.index.json",)
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_nvfp4` wrote and how it relates to the training-time numerics."""
+
+    save_directory: str
+    format: str
+    scheme: str
+    quantized: list[str] = field(default_factory=list)
+    high_precision: dict[str, str] = field(default_factory=dict)  # module -> why it stays high precision
+    fused: dict[str, dict] = field(default_factory=dict)  # module -> its group, amax and how far it moved
+    input_amax: dict[str, float] = field(default_factory=dict)  # W4A4: calibrated activation amax
+    calibration_batches: int = 0
+    bytes_written: int = 0  # safetensors files on disk
+    payload_bytes: int = 0  # their tensor bytes
+    bf16_bytes: int = 0  # the same tensors as a BF16 checkpoint
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        moved = {k: v for k, v in self.fused.items() if not v["identical"]}
+        worst = max(moved.values(), key=lambda v: v["rel_change"], default=None)
+        lines = [
+            f"hf-nvfp4 export: {self.format} / {self.scheme} -> {self.save_directory}",
+            f"  {len(self.quantized)} Linear layers in NVFP4; kept high precision: {len(self.high_precision)} modules",
+            f"  weights {self.payload_bytes / 2**20:.2f} MiB vs {self.bf16_bytes / 2**20:.2f} MiB as BF16 "
+            f"({self.payload_bytes / max(self.bf16_bytes, 1):.3f}x; files {self.bytes_written / 2**20:.2f} MiB)",
+            f"  bit-exact with the training-time quantization: {len(self.quantized) - len(moved)} layers",
+        ]
+        if worst:
+            lines.append(
+                f"  {len(moved)} fused siblings requantized with their group's joint amax: largest change "
+                f"{worst['rel_change']:.3g} (relative, {worst['changed_fraction']:.1%} of codes); their quantization "
+                f"error vs the master weights {worst['rel_error_training']:.3g} -> {worst['rel_error_exported']:.3g}"
+            )
+        if self.calibration_batches:
+            lines.append(f"  activation amax calibrated on {self.calibration_batches} batches")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def export_nvfp4(
+    model,
+    save_directory: str | os.PathLike,
+    *,
+    format: str = "compressed-tensors",
+    scheme: str = "NVFP4A16",
+    calibration=None,
+    tokenizer=None,
+) -> ExportReport:
+    """Write an NVFP4 serving checkpoint of a model trained with the NVFP4 recipe.
+
+    model: a converted model (any NVFP4Linear inside) or a checkpoint directory saved by this
+        plugin (config.json with ``quant_method: hf_nvfp4``).
+    format: ``"compressed-tensors"`` (``nvfp4-pack-quantized``: vLLM, and transformers with
+        compressed-tensors installed) or ``"modelopt"`` (NVIDIA ModelOpt's layout).
+    scheme: ``"NVFP4A16"`` (NVFP4 weights, high-precision activations) or ``"NVFP4"`` (W4A4:
+        activations too, with tensor scales calibrated on ``calibration``).
+    calibration: ``"NVFP4"`` only: token-id tensors or batches (a recipe's data:
+        ``hf_nvfp4.data.calibration_batches("tiny-cpu")``), or a text file tokenized with
+        ``tokenizer``; at most 8 batches are used.
+    tokenizer: saved with the checkpoint; by default the one in the model's directory, if any.
+
+    ``save_directory`` must be new or empty. High-precision tensors are written in bf16.
+    Returns an :class:`ExportReport`, also written to ``nvfp4_export.json``.
+
+    >>> import hf_nvfp4, tempfile
+    >>> from transformers import LlamaConfig
+    >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                   num_attention_heads=4, vocab_size=256)
+    >>> model = hf_nvfp4.from_config(cfg, hf_nvfp4.NVFP4Config(bf16_last_blocks=0))
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     report = hf_nvfp4.export_nvfp4(model, out)
+    >>> len(report.quantized), sorted(report.high_precision)
+    (14, ['lm_head', 'model.embed_tokens'])
+    """
+    return export_to_directory(model, save_directory, format, scheme, calibration, tokenizer, overwrite=False)
+
+
+def export_to_directory(model, save_directory, fmt, scheme, calibration, tokenizer, overwrite: bool) -> ExportReport:
+    """:func:`export_nvfp4`, with ``overwrite`` (the CLI's ``--overwrite``) replacing an earlier export."""
+    _check_choices(fmt, scheme, calibration)
+    out = Path(save_directory).expanduser()
+    _check_dir(out, overwrite)  # before any costly step
+    model, source = _load(model)
+    names = _quantized_names(model)
+    report = ExportReport(str(out), fmt, scheme, quantized=names)
+    groups = _classify(model, names, report)
+    if tokenizer is None and source is not None:
+        tokenizer = _find_tokenizer(source)
+    act_amax = _calibrate(model, names, groups, calibration, tokenizer, report) if scheme == "NVFP4" else None
+    _prepare_dir(out, overwrite)  # every check is done: nothing is touched before here
+
+    q = _quantize_layers(model, names, groups, report)
+    dtype = torch.float16 if {p.dtype for p in model.parameters()} == {torch.float16} else torch.bfloat16
+    tensors, stored, bf16 = {}, set(), 0
+    for key, t in model.state_dict().items():
+        mod, _, leaf = key.rpartition(".")
+        if mod in q and leaf == "weight":
+            bf16 += 2 * t.numel()
+            tensors.update(layer_tensors(fmt, mod, q[mod], None if act_amax is None else act_amax[mod]))
+        elif t.data_ptr() not in stored or not t.numel():  # tied weights (lm_head = embed) are stored once
+            stored.add(t.data_ptr())
+            bf16 += 2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
+            t = t.detach().cpu()
+            tensors[key] = (t.to(dtype) if t.is_floating_point() else t).clone()
+    report.bf16_bytes = bf16
+    report.payload_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    report.bytes_written = write_safetensors(tensors, out)
+    _write_configs(model, out, fmt, scheme, dtype, report)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    else:
+        report.notes.append("no tokenizer given or found next to the model: add one before serving")
+    (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def _check_choices(fmt, scheme, calibration) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"export_nvfp4: unknown format {fmt!r}; use one of {list(FORMATS)}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"export_nvfp4: unknown scheme {scheme!r}; use 'NVFP4A16' (weights only) or 'NVFP4' (W4A4)")
+    if scheme == "NVFP4" and calibration is None:
+        from .calibration import NEEDS_CALIBRATION
+
+        raise ValueError(NEEDS_CALIBRATION)
+    if scheme == "NVFP4A16" and calibration is not None:
+        raise ValueError("export_nvfp4: calibration data is used by scheme='NVFP4' (W4A4) only; drop it or switch")
+
+
+def _load(model_or_dir):
+    """(model, its directory or None). A directory must hold a checkpoint saved by this plugin."""
+    if isinstance(model_or_dir, nn.Module):
+        return model_or_dir, None
+    if not isinstance(model_or_dir, (str, os.PathLike)):
+        raise TypeError(f"export_nvfp4: model must be a model or a directory, got {type(model_or_dir).__name__}")
+    path = Path(model_or_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"export_nvfp4: {path} is not a model directory (no config.json); give the output_dir of an "
+            "hf-nvfp4 training run or a directory written by save_pretrained"
+        )
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != "hf_nvfp4":
+        raise ValueError(
+            f"export_nvfp4: {path} was not trained with hf_nvfp4 (its config.json quant_method is "
+            f"{qc.get('quant_method')!r}, not 'hf_nvfp4'), so it has no training-time NVFP4 quantization to export"
+        )
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto"), path
+
+
+def _recipe(mod: NVFP4Linear):
+    return mod.nvfp4_state.recipe
+
+
+def _quantized_names(model: nn.Module) -> list[str]:
+    if not callable(getattr(getattr(model, "config", None), "to_dict", None)):
+        raise TypeError(
+            f"export_nvfp4: writes Hugging Face checkpoints, so model must be a transformers model (with a .config); "
+            f"got {type(model).__name__}"
+        )
+    names = [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)]
+    if not names:
+        raise ValueError(
+            "export_nvfp4: the model has no NVFP4Linear layer, so nothing trained in NVFP4; train it with hf_nvfp4 "
+            "first (convert_model, from_config, or from_pretrained with quantization_config=NVFP4Config())"
+        )
+    modules = dict(model.named_modules())
+    formats = sorted({_recipe(modules[n]).format for n in names})
+    if formats != ["nvfp4"]:
+        raise ValueError(f"export_nvfp4: the model trained in {formats}, not NVFP4; there is no NVFP4 to export")
+    experts = unexported_expert_params(model)
+    if experts:
+        raise NotImplementedError(
+            f"export_nvfp4: MoE expert tensors are not exported yet ({', '.join(experts[:3])}"
+            f"{', ...' if len(experts) > 3 else ''}); keep the BF16 checkpoint for this model for now"
+        )
+    return names
+
+
+def unexported_expert_params(model: nn.Module) -> list[str]:
+    """Packed MoE expert tensors: 3-D parameters outside any Linear, Embedding or Conv.
+
+    The hook for an MoE export: engines read experts in their own fused layouts (w13 and
+    w2 per expert, one w13 tensor scale), which this exporter does not write yet.
+    """
+    skip = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
+    out = []
+    for mname, mod in model.named_modules():
+        if not isinstance(mod, skip):
+            out += [f"{mname}.{p}".lstrip(".") for p, t in mod.named_parameters(recurse=False) if t.ndim == 3]
+    return out
+
+
+def fused_groups(linear_names: list[str]) -> list[list[str]]:
+    """Sibling Linears (same parent) that serving engines fuse into one GEMM, per FUSED_SIBLINGS."""
+    present = set(linear_names)
+    groups = []
+    for parent in dict.fromkeys(n.rpartition(".")[0] for n in linear_names):
+        for sib in FUSED_SIBLINGS:
+            found = [m for m in (f"{parent}.{x}".lstrip(".") for x in sib) if m in present]
+            if len(found) > 1:
+                groups.append(found)
+    return groups
+
+
+def _classify(model, names, report) -> list[list[str]]:
+    """Fill report.high_precision (with reasons); return the fused groups of quantized layers."""
+    modules = dict(model.named_modules())
+    plan = plan_conversion(model, _recipe(modules[names[0]]))
+    quantized = set(names)
+    for n, m in modules.items():
+        if isinstance(m, nn.Linear) and n not in quantized:
+            why = plan.get(n, "convert")
+            report.high_precision[n] = "not converted" if why == "convert" else why
+        elif isinstance(m, nn.Embedding):
+            report.high_precision[n] = "embedding"
+    groups = fused_groups([n for n, m in modules.items() if isinstance(m, nn.Linear)])
+    mixed = [g for g in groups if len({n in quantized for n in g}) > 1]
+    if mixed:
+        raise ValueError(
+            "export_nvfp4: serving engines run these siblings as one GEMM, but only some of them trained in NVFP4: "
+            + "; ".join(", ".join(f"{n} ({'NVFP4' if n in quantized else 'high precision'})" for n in g) for g in mixed)
+            + ". Train them alike (modules_to_not_convert takes glob patterns)"
+        )
+    late = [n for n in names if (modules[n].forward_precision or modules[n].precision) != "nvfp4"]
+    if late:
+        now = modules[late[0]].forward_precision or modules[late[0]].precision
+        report.notes.append(
+            f"{len(late)} layers run their forward in {now} now (late precision switch): their NVFP4 weights "
+            "are a post-training quantization of weights that last trained in high precision"
+        )
+    return [g for g in groups if g[0] in quantized]
+
+
+def _calibrate(model, names, groups, calibration, tokenizer, report) -> dict[str, torch.Tensor]:
+    from .calibration import calibrate_input_amax, calibration_batches
+
+    batches = calibration_batches(calibration, model, tokenizer)
+    amax = calibrate_input_amax(model, names, batches)
+    for g in groups:  # siblings share their input, and the fused GEMM takes one input scale
+        amax.update(dict.fromkeys(g, torch.stack([amax[m] for m in g]).max()))
+    report.calibration_batches = len(batches)
+    report.input_amax = {n: float(a) for n, a in amax.items()}
+    dead = [n for n, a in amax.items() if float(a) == 0]
+    if dead:
+        report.notes.append(f"{len(dead)} layers saw only zero inputs in calibration (input scale 1): {dead[:3]}")
+    return amax
+
+
+def _rel(d: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(d.norm() / ref.norm().clamp_min(torch.finfo(torch.float32).tiny))
+
+
+@torch.no_grad()
+def _quantize_layers(model, names, groups, report) -> dict:
+    """{name: NVFP4Tensor} as exported; fills report.fused with how far joint amax moved each sibling."""
+    modules = dict(model.named_modules())
+    # the training-time Fprop weight operand, as the role table defines it: 16x16 tiles, or 1x16 without 2D scaling
+    tiles = {n: quantizer_for(_recipe(modules[n]), "fprop_weight", "nvfp4").tile for n in names}
+    out = {n: quantize_nvfp4(modules[n].weight, tile=tiles[n]) for n in names}
+    for group in groups:
+        joint = torch.stack([out[m].amax for m in group]).max()
+        for m in group:
+            own, w = out[m], modules[m].weight
+            same = bool(own.amax == joint)
+            q = own if same else quantize_nvfp4(w, tile=tiles[m], amax=joint)
+            out[m] = q
+            a, b, w = own.dequantize(), q.dequantize(), w.float()
+            report.fused[m] = {
+                "group": group,
+                "own_amax": float(own.amax),
+                "joint_amax": float(joint),
+                "identical": same,
+                "rel_change": _rel(b - a, a),  # exported vs training-time dequantized weights
+                "changed_fraction": float((unpack_nibbles(q.data) != unpack_nibbles(own.data)).float().mean()),
+                "rel_error_training": _rel(a - w, w),  # quantization error vs the master weights, for scale
+                "rel_error_exported": _rel(b - w, w),
+            }
+    return out
+
+
+def _ours(f: Path) -> bool:
+    """A file an export writes (and --overwrite may replace)."""
+    return f.is_file() and (f.name in _WRITTEN or (f.name.startswith("model") and f.suffix == ".safetensors"))
+
+
+def _check_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"export_nvfp4: {path} exists and is not a directory")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(
+            f"export_nvfp4: {path} is not empty; choose a new or empty directory "
+            "(the CLI's --overwrite replaces an earlier export there)"
+        )
+    ours = sorted(f.name for f in path.iterdir() if _ours(f))
+    if ours and not (path / REPORT_FILE).is_file():  # e.g. the training run's own directory
+        raise ValueError(
+            f"export_nvfp4: {path} holds {', '.join(ours[:3])} but no {REPORT_FILE}: it is not an earlier export, "
+            "so --overwrite will not replace its files; choose another directory"
+        )
+
+
+def _prepare_dir(path: Path, overwrite: bool) -> None:
+    _check_dir(path, overwrite)
+    if path.is_dir() and overwrite:
+        for f in path.iterdir():  # only what an export writes; anything else stays
+            if _ours(f):
+                f.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _write_configs(model, out: Path, fmt: str, scheme: str, dtype: torch.dtype, report: ExportReport) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        producer_version = version("hf-nvfp4")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        producer_version = "unknown"
+    qc, hf_quant = quant_config(fmt, scheme, sorted(report.high_precision), producer_version)
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qc
+    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
+    cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if hf_quant is not None:
+        (out / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)
+
+
+def _find_tokenizer(path: Path):
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "special_tokens_map.json")
+    if not any((path / f).is_file() for f in files):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,1 @@
+"""TE stand-in: transformer_engine/common (only the recipe module)."""

@@ -1,0 +1,1 @@
+"""TE stand-in: transformer_engine/pytorch/tensor (quantizer classes only, no tensor storage)."""

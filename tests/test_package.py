@@ -1,0 +1,63 @@
+"""The package installs like one: a wheel carries its recipes and tasks; runs leave the process as found."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
+         str(ROOT)],
+        check=True, capture_output=True, text=True,
+    )
+    wheel = next((tmp / "dist").glob("hf_nvfp4-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp / "site"),
+                    str(wheel)], check=True, capture_output=True, text=True)
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    # the installed copy comes first; the source tree is not on the path (cwd is elsewhere)
+    env = {**os.environ, "PYTHONPATH": str(tmp / "site")}
+    return tmp, elsewhere, env
+
+
+def _cli(args, cwd, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "hf_nvfp4.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_wheel_ships_recipes_and_runs_from_another_directory(installed):
+    tmp, elsewhere, env = installed
+    where = subprocess.run([sys.executable, "-c", "import hf_nvfp4; print(hf_nvfp4.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(tmp / "site")), where
+    out = _cli(["recipes"], elsewhere, env)
+    assert out.returncode == 0 and "tiny-cpu" in out.stdout and "ablation-cpu" in out.stdout, out.stderr
+    run = elsewhere / "run"
+    out = _cli(["train", "tiny-cpu", "--max-steps", "2", "--output-dir", str(run), "--set", "data.max_files=20",
+                "--set", "training.batch_size=2", "--set", "logging.report_to=[]"], elsewhere, env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["nvfp4"]["quant_method"] == "hf_nvfp4"
+
+
+def test_two_runs_in_one_process_log_into_their_own_directories(tmp_path):
+    from hf_nvfp4.recipe import load_recipe
+    from hf_nvfp4.train import run_recipe
+
+    before = {k: os.environ.get(k) for k in ("TENSORBOARD_LOGGING_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    for name in ("a", "b"):
+        recipe = load_recipe("tiny-cpu", ["training.max_steps=1", "training.batch_size=2", "data.max_files=10",
+                                          f"output_dir={tmp_path / name}", "logging.report_to=[tensorboard]"])
+        run_recipe(recipe, quiet=True)
+        logs = list((tmp_path / name / "logs").rglob("events.out.tfevents*"))
+        assert logs, f"run {name} wrote no TensorBoard events into its own logs dir"
+    assert {k: os.environ.get(k) for k in before} == before
