@@ -135,11 +135,14 @@ def variant_recipe(base: Recipe, variant: str, seed: int, runs_dir: Path) -> Rec
     )
 
 
+FINGERPRINT_SECTIONS = ("model", "tokenizer", "data", "training", "nvfp4", "precision_switch")
+
+
 def fingerprint(recipe: Recipe) -> str:
-    """What a run's result depends on (not its name or output directory)."""
+    """What a run's result depends on: the model, data, training, numerics and switch sections
+    (not its name, output directory, logging or evaluation)."""
     d = recipe.to_dict()
-    for k in ("name", "output_dir", "logging"):
-        d.pop(k, None)
+    d = {k: d.get(k) for k in FINGERPRINT_SECTIONS}
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
