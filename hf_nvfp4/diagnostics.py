@@ -22,26 +22,23 @@ BEGIN, END = "<!-- hf-nvfp4 diagnose: generated below -->", "<!-- hf-nvfp4 diagn
 
 
 def checkpoint_batch(model_dir: str | Path, batch_size: int = 8, recipe=None, split: str = "eval") -> tuple:
-    """(batch dict, the Recipe the data came from): the first ``batch_size`` blocks of the split."""
+    """(batch dict, the recipe the data came from): the first ``batch_size`` blocks of the split."""
     import torch
     from transformers import default_data_collator
 
     from .data import build_datasets, build_tokenizer
     from .recipe import load_recipe
-    from .train import _offline_unless_needed
+    from .train import run_scope
 
     src = recipe or Path(model_dir) / "recipe.json"
     if recipe is None and not Path(src).is_file():
         raise FileNotFoundError(f"{model_dir} has no recipe.json (not trained with hf-nvfp4 train); pass --recipe "
                                 "to say which data to take the batch from")
     rec = load_recipe(src)
-    _offline_unless_needed(rec)
-    train_ds, eval_ds = build_datasets(rec, build_tokenizer(rec))
-    ds = eval_ds if split == "eval" and eval_ds is not None else train_ds
-    if hasattr(ds, "__len__"):
-        rows = [ds[i] for i in range(min(batch_size, len(ds)))]
-    else:  # a streamed dataset: its first blocks
-        rows = list(itertools.islice(iter(ds), batch_size))
+    with run_scope(rec, quiet=True):  # offline unless the data is on the hub; settings restored after
+        train_ds, eval_ds = build_datasets(rec, build_tokenizer(rec))
+        ds = eval_ds if split == "eval" and eval_ds is not None and len(eval_ds) > 0 else train_ds
+        rows = list(itertools.islice(iter(ds), batch_size))  # streamed datasets too
     batch = default_data_collator(rows)
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}, rec
 
