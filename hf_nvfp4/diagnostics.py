@@ -79,6 +79,32 @@ def by_block(rows: list[dict]) -> dict:
     return dict(sorted(out.items()))
 
 
+DEPTH_METRICS = ("fprop_relerr", "dgrad_relerr", "wgrad_relerr", "wgrad_bias_rn", "wgrad_relerr_no_rht")
+
+
+def _suffix(row: dict) -> str | None:
+    """The layer's name inside its block (``self_attn.q_proj``), to pair layers across blocks."""
+    parts = row["name"].split(".")
+    b = str(row["block"])
+    return ".".join(parts[parts.index(b) + 1:]) if row["block"] is not None and b in parts else None
+
+
+def depth_contrast(rows: list[dict]) -> dict:
+    """Last block minus first block, per metric, paired by the layer's name inside its block."""
+    blocks = [r["block"] for r in rows if r["block"] is not None]
+    if len(set(blocks)) < 2:
+        return {}
+    first, last = min(blocks), max(blocks)
+    a = {_suffix(r): r for r in rows if r["block"] == first}
+    b = {_suffix(r): r for r in rows if r["block"] == last}
+    names = [n for n in a if n in b]
+    out = {}
+    for m in DEPTH_METRICS:
+        diffs = [b[n][m] - a[n][m] for n in names if a[n][m] == a[n][m] and b[n][m] == b[n][m]]
+        out[m] = {**paired_summary(diffs), "first": first, "last": last}
+    return out
+
+
 def markdown_report(rep: dict, title: str, command: str | None = None) -> str:
     rows, cfg = rep["layers"], rep["config"]
     rec = cfg["recipe"]
@@ -107,6 +133,15 @@ def markdown_report(rep: dict, title: str, command: str | None = None) -> str:
         lines.append(f"{g.capitalize()} with SR, per layer: the 95% interval of the bias contains 0 in "
                      f"{c['sr_interval_contains_0']} of {c['n']} layers and lies wholly below the nearest-rounding "
                      f"bias in {c['sr_interval_below_rn']} of {c['n']}.")
+    depth = depth_contrast(rows)
+    if depth:
+        d0 = next(iter(depth.values()))
+        head = f"## Depth: block {d0['last']} minus block {d0['first']}, paired by layer (q_proj with q_proj, ...)"
+        lines += ["", head,
+                  "", "| metric | mean difference [95% CI] | n pairs | resolved |", "|---|---|---|---|"]
+        for m, s in depth.items():
+            ci = f" [{s['lo']:+.4f}, {s['hi']:+.4f}]" if s["lo"] == s["lo"] else ""
+            lines.append(f"| {m} | {s['mean']:+.4f}{ci} | {s['n']} | {'yes' if s['resolved'] else 'no'} |")
     lines += ["", "## Per block (mean over the block's layers [95% CI])", "",
               "| block | layers | Fprop rel. error | Dgrad rel. error | Wgrad rel. error | Wgrad bias RN | "
               "Wgrad bias SR | activation saturation | gradient underflow |",
@@ -246,5 +281,5 @@ def summary_lines(rep: dict) -> list[str]:
     return out
 
 
-__all__ = ["MECHANISMS", "checkpoint_batch", "diagnose_checkpoint", "load_for_diagnosis", "markdown_report",
-           "plot_depth", "write_report"]
+__all__ = ["MECHANISMS", "checkpoint_batch", "depth_contrast", "diagnose_checkpoint", "load_for_diagnosis",
+           "markdown_report", "plot_depth", "write_report"]
