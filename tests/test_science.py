@@ -23,6 +23,7 @@ from hf_nvfp4.integrations.diagnose import (
 )
 from hf_nvfp4.integrations.shadow_run import ShadowRun
 from hf_nvfp4.integrations.stats import paired_summary, t_quantile
+from hf_nvfp4.nn.te_backend import te_unsupported_reason
 from hf_nvfp4.ops.baselines import paper_fp8_bf16_blocks
 from hf_nvfp4.ops.recipe import role_table
 from hf_nvfp4.recipe import load_recipe
@@ -91,6 +92,11 @@ def test_negative_controls_and_switch_scopes_in_the_role_table():
     assert all(s.rht for s in rht.values()) and rht["fprop_weight"].tile == (1, 16)
     with pytest.raises(ValueError, match="rht_gemms"):
         NVFP4Recipe(rht_gemms=("attention",))
+    # TE has no such placement: a negative control always runs emulated
+    assert te_unsupported_reason(NVFP4Recipe()) is None
+    assert "negative control" in te_unsupported_reason(NVFP4Recipe(rht_gemms=("fprop", "wgrad")))
+    assert "negative control" in te_unsupported_reason(variant_nvfp4(base, "sr_forward"))
+    assert te_unsupported_reason(NVFP4Recipe(rht_gemms=("fprop",), disable_rht=True)) is None
     # a negative control computes a correct product: the RHT cancels in every GEMM
     torch.manual_seed(0)
     layer = NVFP4Linear(64, 48, config=NVFP4Config(rht_gemms=["fprop", "dgrad", "wgrad"]))
