@@ -7,6 +7,7 @@ from .formats.registry import FORMATS, get_format
 from .integrations.accelerate import NVFP4Plugin
 from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
 from .integrations.config import NVFP4Config
+from .integrations.diagnose import DiagnoseCallback, diagnose
 from .integrations.export import export_nvfp4
 from .integrations.lm_eval import LMEvalCallback, evaluate_lm
 from .integrations.shadow import FP8ShadowCallback
@@ -19,6 +20,8 @@ from .ops.recipe import NVFP4Recipe
 __version__ = "0.1.0"
 _register_with_transformers()
 __all__ = [
+    "DiagnoseCallback",
+    "diagnose",
     "FORMATS",
     "LMEvalCallback",
     "evaluate_lm",

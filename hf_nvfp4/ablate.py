@@ -1,42 +1,98 @@
-"""The paper's ablations at small scale: one command, paired seeds, a table and plots.
+"""The paper's ablations at small scale: one command, paired seeds, t-intervals, a table and plots.
 
     hf-nvfp4 ablate [RECIPE] [--seeds 0,1,2] [--variants ...] [--out DIR] [--resume | --overwrite]
 
 Every variant of a seed starts from the same initial weights and sees the same batches, so
-differences between variants are paired. Finished runs are kept in ``runs.jsonl``; rerunning
-the command with ``--resume`` continues the sweep where it stopped (or adds seeds/variants).
+differences between variants are paired by seed. Each variant is compared with the full NVFP4
+recipe, the FP8 baseline and BF16: mean, sd and a Student-t 95% interval of the paired relative
+gaps; an effect is "resolved" only when its interval excludes 0. Finished runs are kept in
+``runs.jsonl`` with a fingerprint of their configuration: ``--resume`` continues the sweep, a
+larger ``--seeds`` grows it, and a run made under another definition of its variant is run again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from .ablate_plots import plot
 from .config import NVFP4Config
-from .ops.recipe import NVFP4Recipe
+from .integrations.stats import format_interval, paired_summary
+from .ops.baselines import fp8_baseline_recipe, mxfp4_paper_recipe
+from .ops.recipe import GEMMS, PAPER_STOCHASTIC_ROLES
 from .recipe import PrecisionSwitchSection, Recipe, load_recipe
 
-# name -> (description, how to change the recipe)
 VARIANTS: dict[str, str] = {
     "bf16": "BF16 everywhere",
-    "fp8": "FP8 baseline (E4M3, 1x128 / 128x128 blocks; first block and last 2 in BF16)",
+    "fp8": "FP8 baseline (E4M3, 1x128 / 128x128 blocks; the paper's 1 + 2 of 62 blocks in BF16, as a share)",
+    "fp8_nvfp4_alloc": "FP8 with the NVFP4 recipe's BF16 blocks (format alone differs)",
     "nvfp4": "NVFP4, full recipe",
+    "base": "NVFP4 base method: no RHT, no SR, no 2D, no BF16 blocks (App. E.1)",
     "no_rht": "NVFP4 without RHT",
     "no_sr": "NVFP4 without stochastic rounding",
     "no_2d": "NVFP4 without 2D weight scaling",
     "all_nvfp4": "NVFP4 in every block (no BF16 blocks)",
-    "mxfp4": "MXFP4 (1x32 blocks, UE8M0 scales), same recipe otherwise",
+    "mxfp4": "MXFP4 as in the paper (1x32, UE8M0 rounded up, RHT 32, SR, 32x32 weight tiles)",
     "switch_all": "NVFP4, all GEMMs to BF16 for the last 18% of steps",
     "switch_fwd": "NVFP4, Fprop to BF16 for the last 18% of steps",
+    "switch_bwd": "NVFP4, Dgrad and Wgrad to BF16 for the last 18% of steps (control)",
+    "sr_forward": "negative control: SR also on the Fprop operands (App. E.3)",
+    "rht_all": "negative control: RHT on all three GEMMs, weights 1x16 there (App. E.4)",
 }
 SWITCH_AT = 0.82
+SWITCH_SCOPES = {"switch_all": "all", "switch_fwd": "forward", "switch_bwd": "backward"}
+REFERENCES = ("nvfp4", "fp8", "bf16")
+BEGIN, END = "<!-- hf-nvfp4 ablate: generated below -->", "<!-- hf-nvfp4 ablate: generated above -->"
 
 
-RESULT_FILES = ("runs.jsonl", "ablation.md", "ablation.json", "ablation_loss_curves.png", "ablation_relative_gap.png")
+def model_blocks(base: Recipe) -> int:
+    """The number of transformer blocks of the recipe's model (for the FP8 baseline's share)."""
+    cfg = base.model.config
+    if cfg is None:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(base.model.name_or_path, trust_remote_code=base.model.trust_remote_code)
+        cfg = cfg.to_dict()
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    raise ValueError("ablate: cannot tell the model's number of blocks (no num_hidden_layers in its config)")
+
+
+def variant_nvfp4(base: Recipe, variant: str) -> NVFP4Config | None:
+    """The NVFP4Config (any format) of ``variant``, or None for BF16."""
+    cfg = base.nvfp4 or NVFP4Config()
+    rec = cfg.to_recipe()
+    if variant == "bf16":
+        return None
+    if variant in ("fp8", "fp8_nvfp4_alloc"):
+        alloc = "paper" if variant == "fp8" else "nvfp4"
+        out = NVFP4Config.from_recipe(fp8_baseline_recipe(model_blocks(base), alloc, like=rec))
+    elif variant == "mxfp4":
+        out = NVFP4Config.from_recipe(mxfp4_paper_recipe(rec))
+    else:
+        changes = {
+            "nvfp4": {},
+            "base": dict(disable_rht=True, disable_stochastic_rounding=True, disable_2d_quantization=True,
+                         bf16_first_blocks=0, bf16_last_blocks=0),
+            "no_rht": dict(disable_rht=True),
+            "no_sr": dict(disable_stochastic_rounding=True),
+            "no_2d": dict(disable_2d_quantization=True),
+            "all_nvfp4": dict(bf16_first_blocks=0, bf16_last_blocks=0),
+            "sr_forward": dict(stochastic_roles=["fprop_input", "fprop_weight", *PAPER_STOCHASTIC_ROLES]),
+            "rht_all": dict(rht_gemms=list(GEMMS)),
+        }.get(variant, {})  # the switch variants train with the full recipe
+        out = replace(cfg, **changes)
+    return replace(out, backend="emulated")
+
+
+# ablation.md is not deleted: its generated block is replaced, what a person wrote around it is kept
+RESULT_FILES = ("runs.jsonl", "ablation.json", "ablation_loss_curves.png", "ablation_relative_gap.png",
+                "ablation_paired_ci.png")
 
 
 def _protect(out: Path, resume: bool, overwrite: bool) -> None:
@@ -59,26 +115,14 @@ def _protect(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def variant_recipe(base: Recipe, variant: str, seed: int, runs_dir: Path) -> Recipe:
-    cfg = base.nvfp4 or NVFP4Config()
-    nv = {
-        "bf16": None,
-        "fp8": NVFP4Config.from_recipe(
-            NVFP4Recipe.for_format("fp8_block", bf16_first_blocks=1, bf16_last_blocks=2, seed=cfg.seed)
-        ),
-        "nvfp4": cfg,
-        "no_rht": replace(cfg, disable_rht=True),
-        "no_sr": replace(cfg, disable_stochastic_rounding=True),
-        "no_2d": replace(cfg, disable_2d_quantization=True),
-        "all_nvfp4": replace(cfg, bf16_first_blocks=0, bf16_last_blocks=0),
-        "mxfp4": replace(cfg, format="mxfp4"),
-        "switch_all": cfg,
-        "switch_fwd": cfg,
-    }[variant]
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+    nv = variant_nvfp4(base, variant)
     if nv is not None:
-        nv = replace(nv, seed=seed, backend="emulated")
+        nv = replace(nv, seed=seed)
     switch = PrecisionSwitchSection()
-    if variant.startswith("switch_"):
-        switch = PrecisionSwitchSection(at=SWITCH_AT, to="bf16", scope="all" if variant == "switch_all" else "forward")
+    if variant in SWITCH_SCOPES:
+        switch = PrecisionSwitchSection(at=SWITCH_AT, to="bf16", scope=SWITCH_SCOPES[variant])
     training = replace(base.training, seed=seed, save_steps=0, eval_steps=0)
     return replace(
         base,
@@ -91,19 +135,42 @@ def variant_recipe(base: Recipe, variant: str, seed: int, runs_dir: Path) -> Rec
     )
 
 
+FINGERPRINT_SECTIONS = ("model", "tokenizer", "data", "training", "nvfp4", "precision_switch")
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """What a run's result depends on: the model, data, training, numerics and switch sections
+    (not its name, output directory, logging or evaluation)."""
+    d = recipe.to_dict()
+    d = {k: d.get(k) for k in FINGERPRINT_SECTIONS}
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def bf16_blocks(recipe: Recipe, n_blocks: int) -> str:
+    if recipe.nvfp4 is None:
+        return f"{n_blocks} of {n_blocks}"
+    first, last = recipe.nvfp4.resolved_bf16_blocks(n_blocks)
+    return f"{first}+{last} of {n_blocks}"
+
+
 def run_one(recipe: Recipe) -> dict:
     from .train import run_recipe
 
-    summary = run_recipe(recipe, evaluate_at_end=True, quiet=True)
-    return {k: summary[k] for k in ("final_loss", "eval_loss", "loss_curve", "tokens", "seconds")}
+    s = run_recipe(recipe, evaluate_at_end=True, evaluate_bf16_at_end=True, quiet=True)
+    return {k: s[k] for k in ("final_loss", "eval_loss", "eval_loss_bf16", "loss_curve", "tokens", "seconds")}
 
 
-def _stats(xs: list[float]) -> tuple[float, float]:
-    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+def _gaps(by: dict, seeds, v: str, ref: str, key: str = "eval_loss", ref_key: str = "eval_loss") -> list[float]:
+    return [
+        (by[(v, s)][key] - by[(ref, s)][ref_key]) / by[(ref, s)][ref_key]
+        for s in seeds
+        if (v, s) in by and (ref, s) in by and by[(v, s)].get(key) is not None and by[(ref, s)].get(ref_key)
+    ]
 
 
 def summarize(rows: list[dict], variants: list[str]) -> list[dict]:
-    """Per variant: eval loss mean/std over seeds, paired relative gaps to FP8 and BF16."""
+    """Per variant: eval loss mean/sd over seeds; paired relative gaps (mean, sd, t 95% CI) to the
+    full recipe, FP8 and BF16; and the same weights evaluated in BF16."""
     by = {(r["variant"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     table = []
@@ -111,102 +178,84 @@ def summarize(rows: list[dict], variants: list[str]) -> list[dict]:
         losses = [by[(v, s)]["eval_loss"] for s in seeds if (v, s) in by]
         if not losses:
             continue
-        row = {"variant": v, "description": VARIANTS[v], "n": len(losses)}
-        row["eval_loss"], row["eval_loss_std"] = _stats(losses)
-        for ref in ("fp8", "bf16"):
-            gaps = [
-                (by[(v, s)]["eval_loss"] - by[(ref, s)]["eval_loss"]) / by[(ref, s)]["eval_loss"]
-                for s in seeds
-                if (v, s) in by and (ref, s) in by
-            ]
-            mean, std = _stats(gaps) if gaps else (float("nan"), float("nan"))
-            row[f"gap_vs_{ref}"], row[f"gap_vs_{ref}_std"] = mean, std
-            # a paired difference is "resolved" when its mean exceeds 2 standard errors
-            row[f"gap_vs_{ref}_resolved"] = bool(len(gaps) > 1 and abs(mean) > 2 * std / math.sqrt(len(gaps)))
+        row = {"variant": v, "description": VARIANTS[v], "n": len(losses),
+               "bf16_blocks": next(by[(v, s)].get("bf16_blocks") for s in seeds if (v, s) in by),
+               "eval_loss": statistics.fmean(losses),
+               "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else float("nan")}
+        for ref in REFERENCES:
+            row[f"vs_{ref}"] = paired_summary(_gaps(by, seeds, v, ref)) if v != ref else None
+        bf = [by[(v, s)].get("eval_loss_bf16") for s in seeds if (v, s) in by]
+        bf = [x for x in bf if x is not None]
+        row["eval_loss_bf16"] = statistics.fmean(bf) if bf else float("nan")
+        # the same weights in BF16 minus as trained; and BF16-evaluated weights vs the BF16-trained model
+        row["bf16_eval_vs_own"] = paired_summary(_gaps(by, seeds, v, v, "eval_loss_bf16", "eval_loss"))
+        row["bf16_eval_vs_bf16"] = paired_summary(_gaps(by, seeds, v, "bf16", "eval_loss_bf16", "eval_loss"))
         table.append(row)
     return table
 
 
-def _gap_cell(r: dict, ref: str) -> str:
-    if r["variant"] == ref:
-        return "(reference)"
-    m, s = r[f"gap_vs_{ref}"], r[f"gap_vs_{ref}_std"]
-    if m != m:  # NaN: no reference run
-        return "-"
-    mark = "" if r[f"gap_vs_{ref}_resolved"] else " (within noise)"
-    return f"{100 * m:+.2f}% ± {100 * s:.2f}%{mark}" if s == s else f"{100 * m:+.2f}%"
+def _cell(r: dict, key: str) -> str:
+    s = r.get(key)
+    return "(reference)" if s is None else format_interval(s)
 
 
 def markdown_table(table: list[dict]) -> str:
-    lines = ["| variant | eval loss (mean ± sd) | gap vs FP8 | gap vs BF16 | seeds |", "|---|---|---|---|---|"]
+    n = max((r["n"] for r in table), default=0)
+    lines = [
+        "| variant | BF16 blocks | n | eval loss (mean ± sd) | vs NVFP4 full recipe | vs FP8 | vs BF16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in table:
         sd = f" ± {r['eval_loss_std']:.4f}" if r["eval_loss_std"] == r["eval_loss_std"] else ""
         lines.append(
-            f"| {r['description']} | {r['eval_loss']:.4f}{sd} | {_gap_cell(r, 'fp8')} | "
-            f"{_gap_cell(r, 'bf16')} | {r['n']} |"
+            f"| `{r['variant']}`: {r['description']} | {r['bf16_blocks']} | {r['n']} | {r['eval_loss']:.4f}{sd} | "
+            + " | ".join(_cell(r, f"vs_{ref}") for ref in REFERENCES) + " |"
         )
+    if n and any(r["n"] != n for r in table):
+        lines.append("")
+        lines.append("Some variants have fewer seeds than others (column n); their intervals are wider.")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], variants: list[str], out_dir: Path, title: str) -> list[Path]:
-    import matplotlib
+def markdown_bf16_table(table: list[dict]) -> str:
+    lines = [
+        "| variant | n | eval loss as trained | same weights, BF16 forward | BF16 forward vs as trained | "
+        "BF16 forward vs the BF16-trained model |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        if r["variant"] == "bf16":
+            rest = "(nothing converted) | (reference) |"
+        else:
+            rest = f"{format_interval(r['bf16_eval_vs_own'])} | {format_interval(r['bf16_eval_vs_bf16'])} |"
+        lines.append(f"| `{r['variant']}` | {r['n']} | {r['eval_loss']:.4f} | {r['eval_loss_bf16']:.4f} | {rest}")
+    return "\n".join(lines)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    seeds = sorted({r["seed"] for r in rows})
-    by = {(r["variant"], r["seed"]): r for r in rows}
+def _load_runs(log: Path) -> list[dict]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
-    def mean_curve(v):
-        curves = [by[(v, s)]["loss_curve"] for s in seeds if (v, s) in by]
-        if not curves:
-            return None
-        n = min(len(c) for c in curves)
-        steps = [c[0] for c in curves[0][:n]]
-        return steps, [statistics.fmean(c[i][1] for c in curves) for i in range(n)], by[(v, seeds[0])]
 
-    color = {v: f"C{i % 10}" for i, v in enumerate(VARIANTS)}  # one colour per variant in every panel
-    paths = []
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for v in variants:
-        mc = mean_curve(v)
-        if mc:
-            steps, loss, r = mc
-            tok = [s * r["tokens"] / r["loss_curve"][-1][0] / 1e6 for s in steps]
-            ax.plot(tok, loss, label=v, color=color[v], linestyle="--" if v in ("bf16", "fp8") else "-")
-    ax.set_xlabel("tokens (M)")
-    ax.set_ylabel(f"training loss (mean of {len(seeds)} seeds)")
-    ax.set_title(title)
-    ax.legend(ncol=2, fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "ablation_loss_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, ref in zip(axes, ("fp8", "bf16"), strict=True):
-        ref_curve = mean_curve(ref)
-        if not ref_curve:
-            continue
-        for v in variants:
-            mc = mean_curve(v)
-            if not mc or v == ref:
-                continue
-            steps, loss, r = mc
-            n = min(len(loss), len(ref_curve[1]))
-            tok = [s * r["tokens"] / r["loss_curve"][-1][0] / 1e6 for s in steps[:n]]
-            gap = [100 * (a - b) / b for a, b in zip(loss[:n], ref_curve[1][:n], strict=True)]
-            ax.plot(tok, gap, label=v, color=color[v], linestyle=":" if v in ("bf16", "fp8") else "-")
-        ax.axhline(0, color="gray", linewidth=0.8)
-        ax.legend(fontsize=7, ncol=2)
-        ax.set_title(f"relative loss gap vs {ref.upper()}")
-        ax.set_xlabel("tokens (M)")
-    axes[0].set_ylabel("(training loss - ref) / ref [%], seed mean")
-    fig.tight_layout()
-    paths.append(out_dir / "ablation_relative_gap.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+def write_markdown(path: Path, body: str) -> None:
+    """Write the generated part of ``path`` between the markers, keeping what a person wrote around it."""
+    block = f"{BEGIN}\n\n{body}\n\n{END}\n"
+    if not path.exists():
+        path.write_text(block)
+        return
+    text = path.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        path.write_text(head + block + tail)
+    elif text.startswith("# Ablation results ("):  # written whole by an earlier version of this command
+        path.write_text(block)
+    else:
+        raise ValueError(
+            f"{path} exists and was not written by hf-nvfp4 ablate; add the lines {BEGIN!r} and {END!r} "
+            "where the generated table should go, or choose another --out"
+        )
 
 
 def ablate(
@@ -221,12 +270,17 @@ def ablate(
     resume: bool = False,
     overwrite: bool = False,
 ) -> list[dict]:
-    """Run the sweep; writes runs.jsonl, ablation.md/json and the plots into ``out_dir``.
+    """Run (or resume, or grow) the sweep; writes runs.jsonl, ablation.md/json and plots into ``out_dir``.
 
     out_dir defaults to ``runs/ablate/<recipe>/results``; each run's checkpoint goes to
     ``runs_dir`` (default ``runs/ablate/<recipe>``). An ``out_dir`` that already holds a sweep
-    (runs.jsonl) is an error unless ``resume`` (add the missing runs to it) or ``overwrite``
-    (delete its results and start over).
+    (runs.jsonl) is an error unless ``resume`` (add the missing runs: more seeds or variants) or
+    ``overwrite`` (delete its results and start over; text written around the generated block
+    of ablation.md is kept).
+
+    >>> from hf_nvfp4.ablate import VARIANTS
+    >>> "mxfp4" in VARIANTS and "switch_bwd" in VARIANTS
+    True
     """
     from tqdm.auto import tqdm
 
@@ -234,61 +288,64 @@ def ablate(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    seeds = list(dict.fromkeys(seeds))
     if len(seeds) < 1:
         raise ValueError("give at least one seed")
     base = load_recipe(recipe_name, overrides)
+    n_blocks = model_blocks(base)
     out_dir = out_dir or str(Path("runs") / "ablate" / base.name / "results")
     out = Path(out_dir)
     log = out / "runs.jsonl"
     _protect(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["variant"], r["seed"])] = r
-    todo = [(v, s) for s in seeds for v in variants if (v, s) not in done]
-    if done:
-        print(f"hf-nvfp4 ablate: resuming, {len(done)} run(s) already in {log}, {len(todo)} to go", flush=True)
+    rdir = Path(runs_dir or Path("runs") / "ablate" / base.name)
+    plan = {(v, s): variant_recipe(base, v, s, rdir) for s in seeds for v in variants}
+    done, stale = {}, 0
+    for r in _load_runs(log):
+        key = (r["variant"], r["seed"])
+        if key in plan and r.get("fingerprint") == fingerprint(plan[key]):
+            done[key] = r
+        elif key in plan:
+            stale += 1
+    todo = [k for k in plan if k not in done]
+    if done or stale:
+        print(
+            f"hf-nvfp4 ablate: resuming: {len(done)} run(s) reused from {log}, {len(todo)} to go"
+            + (f"; {stale} earlier run(s) made under another definition of their variant are ignored" if stale else ""),
+            flush=True,
+        )
     bar = tqdm(todo, desc="ablation", unit="run")
     for v, s in bar:
         bar.set_postfix_str(f"{v} seed {s}")
         t0 = time.perf_counter()
-        res = run_one(variant_recipe(base, v, s, Path(runs_dir or Path("runs") / "ablate" / base.name)))
-        row = {"variant": v, "seed": s, **res, "wall": time.perf_counter() - t0}
+        rec = plan[(v, s)]
+        res = run_one(rec)
+        row = {"variant": v, "seed": s, "fingerprint": fingerprint(rec), "bf16_blocks": bf16_blocks(rec, n_blocks),
+               **res, "wall": time.perf_counter() - t0}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         done[(v, s)] = row
-        tqdm.write(f"  {v:10s} seed {s}: eval loss {res['eval_loss']:.4f} ({row['wall']:.0f} s)")
-    rows = [done[k] for k in done if k[0] in variants and k[1] in seeds]
+        tqdm.write(f"  {v:16s} seed {s}: eval loss {res['eval_loss']:.4f} ({row['wall']:.0f} s)")
+    rows = [done[k] for k in plan]
     table = summarize(rows, variants)
     (out / "ablation.json").write_text(json.dumps(table, indent=2))
     tokens = rows[0]["tokens"] if rows else 0
     title = f"{base.name}: {len(seeds)} seeds, {tokens / 1e6:.2f}M tokens per run"
-    pngs = plot(rows, variants, out, title)
+    pngs = plot(rows, table, variants, out, title, REFERENCES, list(VARIANTS))
     cmd = command or f"hf-nvfp4 ablate {recipe_name} --seeds {','.join(map(str, seeds))} --out {out_dir}"
-    md = [
-        f"# Ablation results ({base.name})",
-        "",
-        "Made with:",
-        "",
-        "```bash",
-        cmd,
-        "```",
-        "",
-        f"{title}. Eval loss is the loss on a held-out {base.data.eval_fraction:.0%} of the packed data after the "
-        "last step; gaps are paired per seed: (variant - reference) / reference, mean ± sd over seeds. "
-        "'(within noise)' marks a mean gap smaller than two standard errors of the paired differences: "
-        "no direction is claimed for those.",
-        "",
-        markdown_table(table),
-        "",
+    body = "\n".join([
+        "Made with:", "", "```bash", cmd, "```", "",
+        f"{title}; {sum(r['wall'] for r in rows) / 60:.0f} minutes of runs in all. Eval loss: the loss on a "
+        f"held-out {base.data.eval_fraction:.0%} of the packed data after the last step. Gaps are paired by seed, "
+        "(variant - reference) / reference: the mean over seeds, the sd and the Student-t 95% interval [lo, hi] "
+        "(n - 1 degrees of freedom). 'unresolved' marks an interval that contains 0: no direction is claimed.",
+        "", markdown_table(table), "",
+        "The same trained weights evaluated with every converted layer computing in BF16 (the paper evaluates "
+        "its NVFP4-trained models' downstream tasks in BF16):", "", markdown_bf16_table(table), "",
         *[f"![{p.stem}]({p.name})" for p in pngs],
-        "",
-    ]
-    (out / "ablation.md").write_text("\n".join(md))
+    ])
+    write_markdown(out / "ablation.md", body)
     print("\n" + markdown_table(table), flush=True)
-    print(
-        f"hf-nvfp4 ablate: wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {', '.join(p.name for p in pngs)}"
-    )
+    names = ", ".join(p.name for p in pngs)
+    print(f"hf-nvfp4 ablate: wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {names}")
     return table

@@ -126,6 +126,19 @@ def _export(args) -> int:
     return 0
 
 
+def _diagnose(args) -> int:
+    from .diagnostics import diagnose_checkpoint, summary_lines
+
+    cmd = "hf-nvfp4 diagnose " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["diagnose"] else None
+    out = args.out or str(Path(args.model_dir) / "diagnostics")
+    rep = diagnose_checkpoint(args.model_dir, out, batch_size=args.batch_size, draws=args.draws,
+                              max_tokens=args.max_tokens, seed=args.seed, recipe=args.recipe, split=args.split,
+                              command=cmd)
+    print("\n".join(summary_lines(rep)))
+    print(f"hf-nvfp4: wrote {out}/diagnostics.md, diagnostics.json, diagnostics_layers.csv and diagnostics_depth.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-nvfp4", description="NVFP4 pretraining for the Hugging Face stack")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -161,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=_compare)
     a = sub.add_parser("ablate", help="the paper's ablations at small scale, paired over seeds, resumable")
     a.add_argument("recipe", nargs="?", default="ablation-cpu", help="recipe for the model and data (ablation-cpu)")
-    a.add_argument("--seeds", default="0,1,2")
+    a.add_argument("--seeds", default="0,1,2", help="comma-separated; add seeds to grow a finished sweep")
     a.add_argument(
         "--variants",
-        help="comma-separated subset of: bf16,fp8,nvfp4,no_rht,no_sr,no_2d,all_nvfp4,"
-        "mxfp4,switch_all,switch_fwd (default: all)",
+        help="comma-separated subset of: bf16,fp8,fp8_nvfp4_alloc,nvfp4,base,no_rht,no_sr,no_2d,all_nvfp4,"
+        "mxfp4,switch_all,switch_fwd,switch_bwd,sr_forward,rht_all (default: all)",
     )
     a.add_argument("--out", help="where runs.jsonl, ablation.md and the plots go (default runs/ablate/RECIPE/results)")
     a.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value")
@@ -174,6 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     ga.add_argument("--resume", action="store_true", help="add to the sweep already in --out (runs.jsonl)")
     ga.add_argument("--overwrite", action="store_true", help="delete the sweep already in --out, start over")
     a.set_defaults(fn=_ablate)
+    d = sub.add_parser("diagnose", help="measure each part of the recipe on a checkpoint's real activations/gradients")
+    d.add_argument("model_dir", help="a checkpoint directory (e.g. from hf-nvfp4 train)")
+    d.add_argument("--out", help="report directory (default: MODEL_DIR/diagnostics)")
+    d.add_argument("--batch-size", type=int, default=8, help="sequences in the batch (default 8)")
+    d.add_argument("--max-tokens", type=int, default=4096, help="tokens per layer kept for the replay (default 4096)")
+    d.add_argument("--draws", type=int, default=16, help="stochastic-rounding draws per GEMM (default 16, >= 3)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--recipe", help="recipe whose data gives the batch (default: MODEL_DIR/recipe.json)")
+    d.add_argument("--split", choices=["eval", "train"], default="eval")
+    d.set_defaults(fn=_diagnose)
     x = sub.add_parser("export", help="write an NVFP4 serving checkpoint (compressed-tensors for vLLM, or ModelOpt)")
     x.add_argument("model_dir", help="a checkpoint trained with hf-nvfp4 (a run's output_dir)")
     x.add_argument("out_dir", help="a new or empty directory")

@@ -168,19 +168,23 @@ def run_recipe(
     evaluate_at_end: bool = False,
     quiet: bool = False,
     resume_from_checkpoint: str | None = None,
+    evaluate_bf16_at_end: bool = False,
 ) -> dict:
     """Train per ``recipe``; returns the summary (also printed and written to summary.json).
 
     evaluate_at_end: also report the loss on the recipe's held-out split (``eval_loss``).
+    evaluate_bf16_at_end: also the held-out loss of the trained weights computed in BF16
+        (``eval_loss_bf16``), as the paper's downstream evaluations of NVFP4-trained models.
     quiet: no progress bars or summary print (for sweeps that show their own progress).
     resume_from_checkpoint: a ``checkpoint-N`` directory to continue from
     (:func:`hf_nvfp4.rundir.prepare_output_dir` picks it for the train command).
     """
     with run_scope(recipe, quiet):
-        return _run(recipe, extra_callbacks, evaluate_at_end, quiet, resume_from_checkpoint)
+        return _run(recipe, extra_callbacks, evaluate_at_end, quiet, resume_from_checkpoint, evaluate_bf16_at_end)
 
 
-def _run(recipe: RecipeFile, extra_callbacks, evaluate_at_end: bool, quiet: bool, resume_from_checkpoint=None) -> dict:
+def _run(recipe: RecipeFile, extra_callbacks, evaluate_at_end: bool, quiet: bool, resume_from_checkpoint=None,
+         evaluate_bf16_at_end: bool = False) -> dict:
     from transformers import Trainer, default_data_collator
 
     from .data import build_datasets, build_tokenizer
@@ -237,6 +241,8 @@ def _run(recipe: RecipeFile, extra_callbacks, evaluate_at_end: bool, quiet: bool
     }
     if evaluate_at_end and eval_ds is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if evaluate_bf16_at_end and eval_ds is not None:
+        summary["eval_loss_bf16"] = evaluate_in_bf16(trainer, model)
     ev = recipe.evaluation
     if ev.tasks and trainer.is_world_process_zero() and not trainer.is_fsdp_enabled:
         from .integrations.lm_eval import evaluate_lm, headline_metrics
@@ -251,6 +257,21 @@ def _run(recipe: RecipeFile, extra_callbacks, evaluate_at_end: bool, quiet: bool
         if not quiet:
             print(format_summary(summary), flush=True)
     return summary
+
+
+def evaluate_in_bf16(trainer, model) -> float:
+    """Held-out loss with every converted layer computing in BF16; the switch state is restored."""
+    from .nn.convert import set_precision
+
+    st = getattr(model, "nvfp4_state", None)
+    if st is None:  # nothing converted: the model already computes in high precision
+        return trainer.evaluate(metric_key_prefix="eval_bf16")["eval_bf16_loss"]
+    saved = (st.precision, st.forward_precision)
+    set_precision(model, "bf16")
+    try:
+        return trainer.evaluate(metric_key_prefix="eval_bf16")["eval_bf16_loss"]
+    finally:
+        st.set_precision(*saved)
 
 
 def format_summary(s: dict) -> str:

@@ -247,3 +247,23 @@ def test_from_pretrained_trainer_resume_is_bit_identical_without_callbacks(tmp_p
     lb = [h["loss"] for h in resumed.state.log_history if "loss" in h]
     assert la == lb[-3:]
     assert not any(p.name.startswith("nvfp4_") for p in (tmp_path / "full" / "checkpoint-3").iterdir())
+
+
+def test_rht_size_is_bounded_wherever_a_config_is_built(tmp_path):
+    """Issue 11 (5): 2**20 from a constructor, a dict, a recipe file or a checkpoint's config.json
+    is refused before anything is allocated."""
+    from hf_nvfp4.recipe import RecipeError, load_recipe
+
+    for make in (lambda: NVFP4Config(rht_size=2**20), lambda: NVFP4Config.from_dict({"rht_size": 4096}),
+                 lambda: NVFP4Recipe(rht_size=512)):
+        with pytest.raises(ValueError, match="rht_size must be a power of two from 2 to 256"):
+            make()
+    with pytest.raises(RecipeError, match="rht_size"):
+        load_recipe("tiny-cpu", [f"nvfp4.rht_size={2**20}"])
+    model = hf_nvfp4.convert_model(tiny("llama", 2), NVFP4Config(bf16_last_blocks=0))
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["rht_size"] = 2**20
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rht_size"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

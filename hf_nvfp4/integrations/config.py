@@ -14,7 +14,14 @@ from dataclasses import dataclass, field, fields
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..formats.registry import PRECISIONS
-from ..ops.recipe import BACKENDS, NVFP4Recipe, check_format, validate_fields
+from ..ops.recipe import (
+    BACKENDS,
+    PAPER_RHT_GEMMS,
+    PAPER_STOCHASTIC_ROLES,
+    NVFP4Recipe,
+    check_format,
+    validate_fields,
+)
 
 QUANT_METHOD = "hf_nvfp4"  # transformers already owns "nvfp4" (an inference-only path)
 __all__ = ["BACKENDS", "PRECISIONS", "QUANT_METHOD", "NVFP4Config"]
@@ -40,6 +47,9 @@ class NVFP4Config(QuantizationConfigMixin):
     format: "nvfp4", or a comparison format run through the same machinery
         ("mxfp4", "fp8_block", "fp8_tensor", "mxfp8", "bf16").
     seed: seed of the stochastic-rounding stream.
+    rht_gemms / stochastic_roles: where RHT and stochastic rounding go. The defaults are the
+        paper's (RHT on the Wgrad GEMM, SR on the two gradient operands); anything else is a
+        negative control for ablations (emulated backend only).
 
     >>> from hf_nvfp4 import NVFP4Config
     >>> cfg = NVFP4Config(bf16_last_blocks=2)
@@ -57,6 +67,8 @@ class NVFP4Config(QuantizationConfigMixin):
     backend: str = "auto"
     format: str = "nvfp4"
     seed: int = 0
+    rht_gemms: list[str] = field(default_factory=lambda: list(PAPER_RHT_GEMMS))
+    stochastic_roles: list[str] = field(default_factory=lambda: list(PAPER_STOCHASTIC_ROLES))
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
@@ -84,6 +96,9 @@ class NVFP4Config(QuantizationConfigMixin):
                 f"got {self.modules_to_not_convert!r}"
             )
         object.__setattr__(self, "modules_to_not_convert", list(self.modules_to_not_convert))
+        for name in ("rht_gemms", "stochastic_roles"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, [v] if isinstance(v, str) else list(v) if isinstance(v, tuple) else v)
         validate_fields(self, "NVFP4Config")
         check_format(self, self.format, "NVFP4Config")
 

@@ -37,13 +37,19 @@ class FP8ShadowCallback(TrainerBound):
 
     mode="lockstep": a shadow copy of the model, identical at step 0, computes with the paper's
         FP8 baseline numerics (``format="fp8_block"``: E4M3, 1x128 activation/gradient blocks,
-        128x128 weight blocks; first block and last 2 blocks BF16; through Transformer Engine's
+        128x128 weight blocks; BF16 blocks as ``allocation`` says; through Transformer Engine's
         Float8BlockScaling where TE runs it, compute capability >= 9.0), has its own AdamW with the
         same hyperparameters and schedule, and trains on exactly the same micro-batches. Costs
         one more model, its optimizer state and gradients (about 2x the memory of the weights'
         training state) and about one more training step of compute per step.
     mode="reference": reads a finished run's trainer_state.json (or a CSV with step[,tokens],loss)
         and logs the gap at matching steps, for free.
+
+    allocation: which blocks of the shadow stay BF16. ``"paper"`` (default): the paper's FP8
+        baseline as a share of the model's blocks (first 1 and last 2 of 62, about 5%; none of a
+        4-block model); ``"nvfp4"``: the same blocks as the trained NVFP4 model, so the gap
+        measures the number format alone. Explicit ``bf16_first_blocks``/``bf16_last_blocks``
+        override both.
 
     At each logging step it logs ``shadow_fp8_loss``, ``loss_gap_vs_fp8`` =
     (loss - shadow_fp8_loss) / shadow_fp8_loss and ``loss_gap_vs_fp8_smoothed`` (an EMA); with
@@ -63,13 +69,14 @@ class FP8ShadowCallback(TrainerBound):
         format: str = "fp8_block",
         reference: str | os.PathLike | None = None,
         smoothing: float = 0.9,
-        bf16_first_blocks: int = 1,
-        bf16_last_blocks: int = 2,
+        bf16_first_blocks: int | None = None,
+        bf16_last_blocks: int | None = None,
+        allocation: str = "paper",
     ):
         if mode not in ("lockstep", "reference"):
             raise ValueError(f"FP8ShadowCallback: mode must be 'lockstep' or 'reference', got {mode!r}")
         self.run = ShadowRun(format, smoothing=smoothing, bf16_first_blocks=bf16_first_blocks,
-                             bf16_last_blocks=bf16_last_blocks, owner="FP8ShadowCallback")
+                             bf16_last_blocks=bf16_last_blocks, allocation=allocation, owner="FP8ShadowCallback")
         self.mode, self.format, self.smoothing, self.tag = mode, format, smoothing, self.run.tag
         if mode == "lockstep" and reference is not None:
             raise ValueError("FP8ShadowCallback: reference= is for mode='reference'")

@@ -3,8 +3,8 @@
 Shared by :class:`~hf_nvfp4.FP8ShadowCallback` (the HF Trainer) and :class:`~hf_nvfp4.NVFP4Plugin`
 (your own Accelerate loop). A copy of the model, identical at step 0, computes with the paper's
 FP8 baseline numerics (``format="fp8_block"``: E4M3, 1x128 activation/gradient blocks, 128x128
-weight blocks; first block and last 2 blocks BF16; through Transformer Engine's Float8BlockScaling
-where TE runs it), has its own AdamW with the same
+weight blocks; BF16 blocks per ``allocation``: the paper's share by default; through Transformer
+Engine's Float8BlockScaling where TE runs it), has its own AdamW with the same
 hyperparameters, and trains on exactly the same micro-batches. Knows nothing of transformers or
 accelerate: the entry points hand it batches, learning rates and the autocast dtype.
 """
@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from ..formats.registry import PRECISIONS
-from ..nn.convert import convert_model, unconvert_model
+from ..nn.convert import convert_model, find_blocks, unconvert_model
+from ..ops.baselines import FP8_ALLOCATIONS, fp8_baseline_recipe
 from ..ops.recipe import NVFP4Recipe
 
 logger = logging.getLogger("hf_nvfp4")
@@ -54,15 +55,19 @@ class ShadowRun:
     ('shadow_bf16_loss', 'loss_gap_vs_bf16', 'loss_gap_vs_bf16_smoothed')
     """
 
-    def __init__(self, format: str = "fp8_block", *, smoothing: float = 0.9, bf16_first_blocks: int = 1,
-                 bf16_last_blocks: int = 2, owner: str = "ShadowRun"):
+    def __init__(self, format: str = "fp8_block", *, smoothing: float = 0.9, bf16_first_blocks: int | None = None,
+                 bf16_last_blocks: int | None = None, allocation: str = "paper", owner: str = "ShadowRun"):
         if format not in PRECISIONS or format == "nvfp4":
             allowed = [p for p in PRECISIONS if p != "nvfp4"]
             raise ValueError(f"{owner}: format must be one of {allowed}, got {format!r}")
         if not 0 <= smoothing < 1:
             raise ValueError(f"{owner}: smoothing must be in [0, 1), got {smoothing}")
         self.format, self.smoothing, self.owner = format, smoothing, owner
-        self.first, self.last = bf16_first_blocks, bf16_last_blocks
+        if allocation not in FP8_ALLOCATIONS:
+            raise ValueError(f"{owner}: allocation must be one of {FP8_ALLOCATIONS}, got {allocation!r}")
+        # BF16 blocks: the paper's FP8 share (1 + 2 of 62) or the NVFP4 model's own (issue 16);
+        # explicit counts override either
+        self.first, self.last, self.allocation = bf16_first_blocks, bf16_last_blocks, allocation
         self.tag = shadow_tag(format)
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -87,17 +92,22 @@ class ShadowRun:
         shadow.__dict__.pop("hf_quantizer", None)
         unconvert_model(shadow)
         if self.format != "bf16":
+            like = getattr(model, "nvfp4_state", None)
+            alloc = fp8_baseline_recipe(len(find_blocks(shadow)[1]), self.allocation,
+                                        like=like.recipe if like is not None else None)
+            first = alloc.bf16_first_blocks if self.first is None else self.first
+            last = alloc.bf16_last_blocks if self.last is None else self.last
             # issue 12: TE's native FP8/MXFP8 recipe where the GPU supports it (Hopper too), else emulated
-            recipe = NVFP4Recipe.for_format(self.format, bf16_first_blocks=self.first,
-                                            bf16_last_blocks=self.last, backend="auto")
+            recipe = NVFP4Recipe.for_format(self.format, bf16_first_blocks=first,
+                                            bf16_last_blocks=last, backend="auto")
             try:
                 convert_model(shadow, recipe, rank=rank)
             except ValueError as exc:
                 if "no Linear layer" not in str(exc):
                     raise
                 raise ValueError(
-                    f"{self.owner}: the {self.format} shadow keeps the first {self.first} and last {self.last} "
-                    "blocks in BF16 (the paper's baseline), which leaves no layer of this model in "
+                    f"{self.owner}: the {self.format} shadow keeps the first {first} and last {last} "
+                    f"blocks in BF16 (allocation={self.allocation!r}), which leaves no layer of this model in "
                     f"{self.format}; use a deeper model or the bf16 shadow format"
                 ) from None
         if device is not None:

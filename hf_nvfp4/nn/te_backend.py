@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from ..ops.recipe import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES
 from .te_recipes import build_recipe, layer_unsupported, needs_bf16, te_recipe_kwargs, token_multiple
 
 __all__ = ["attach_te", "detach_te", "select_backend", "te_forward", "te_recipe_kwargs", "te_status"]
@@ -73,6 +74,12 @@ def te_unsupported_reason(config) -> str | None:
         return f"format={config.format!r} runs on the emulated backend (Transformer Engine has no recipe for it)"
     if config.format == "nvfp4" and config.rht_size != 16 and not config.disable_rht:
         return f"TE's RHT is 16-point; rht_size={config.rht_size} needs the emulated backend"
+    rht = tuple(getattr(config, "rht_gemms", PAPER_RHT_GEMMS))
+    sr = sorted(getattr(config, "stochastic_roles", PAPER_STOCHASTIC_ROLES))
+    moved = (not config.disable_rht and rht != PAPER_RHT_GEMMS) or (
+        not config.disable_stochastic_rounding and sr != sorted(PAPER_STOCHASTIC_ROLES))
+    if moved:  # issue 16's negative controls: TE has no such placement
+        return "RHT/stochastic rounding moved off the paper's operands (a negative control) needs the emulated backend"
     return None
 
 

@@ -99,13 +99,15 @@ def _shared(plan: GemmPlan, source: torch.Tensor, role: str, dtype, make):
 
 
 def _fprop_input(x: torch.Tensor, x2: torch.Tensor, plan: GemmPlan, dtype):
-    return _shared(plan, x, "fprop_input", dtype, lambda: _operand(x2, plan.roles["fprop_input"], dtype))
+    return _shared(plan, x, "fprop_input", dtype,
+                   lambda: _operand(x2, plan.roles["fprop_input"], dtype, plan.generator))
 
 
 def _wgrad_input(x: torch.Tensor, x2: torch.Tensor, plan: GemmPlan, dtype):
     """What Wgrad needs: x^T with blocks along the tokens, quantized (and transformed) now."""
     spec = plan.roles["wgrad_input"]
-    return _shared(plan, x, "wgrad_input", dtype, lambda: get_format(spec.format).pack(x2.t(), spec, dtype))
+    return _shared(plan, x, "wgrad_input", dtype,
+                   lambda: get_format(spec.format).pack(x2.t(), spec, dtype, plan.generator))
 
 
 def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan):
@@ -113,7 +115,7 @@ def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dtype = _compute_dtype(x)
     x2 = x.reshape(-1, x.shape[-1])
     xv, gx = _fprop_input(x, x2, plan, dtype)
-    wv, gw = _operand(weight.detach(), plan.roles["fprop_weight"], dtype)
+    wv, gw = _operand(weight.detach(), plan.roles["fprop_weight"], dtype, plan.generator)
     y = _mm(xv, wv.t(), gx, gw, dtype)
     if bias is not None:
         y = y + bias.detach().to(dtype)
@@ -128,14 +130,15 @@ class _QuantizedLinear(torch.autograd.Function):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         shared = _shares_weight(plan)
+        gen = plan.generator  # drawn from only by stochastic roles (forward ones: negative controls)
         xv, gx = _fprop_input(x, x2, plan, dtype)
         wspec = roles["fprop_weight"]
         qw = None
         if shared:  # quantized once per step, for Fprop and Dgrad
-            qw = get_format(wspec.format).pack(weight, wspec, dtype)
+            qw = get_format(wspec.format).pack(weight, wspec, dtype, gen)
             wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
         else:
-            wv, gw = _operand(weight, wspec, dtype)
+            wv, gw = _operand(weight, wspec, dtype, gen)
         y = _mm(xv, wv.t(), gx, gw, dtype)
         if bias is not None:
             y = y + bias.to(dtype)
@@ -185,10 +188,10 @@ class _QuantizedLinear(torch.autograd.Function):
                 wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
                 dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
             elif _square(wspec.tile):  # 2D tiles, but Fprop ran in another format
-                wv, gw = _operand(weight, wspec, dtype)
+                wv, gw = _operand(weight, wspec, dtype, plan.generator)
                 dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
             else:  # W quantized along N for Dgrad
-                wtv, gwt = _operand(weight.t(), wspec, dtype)
+                wtv, gwt = _operand(weight.t(), wspec, dtype, plan.generator)
                 dx = _mm(dyv, wtv[:, :n].t(), gdy, gwt, ctx.x_dtype)
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:

@@ -23,6 +23,11 @@ from dataclasses import dataclass, fields
 from ..formats.registry import PRECISIONS, get_format
 
 ROLES = ("fprop_input", "fprop_weight", "dgrad_grad_output", "dgrad_weight", "wgrad_grad_output", "wgrad_input")
+GEMMS = ("fprop", "dgrad", "wgrad")
+# Where the paper puts RHT and stochastic rounding. Any other placement is a negative control
+# (App. E.3/E.4), never a recommendation: TE cannot run it, so it needs the emulated backend.
+PAPER_RHT_GEMMS = ("wgrad",)
+PAPER_STOCHASTIC_ROLES = ("dgrad_grad_output", "wgrad_grad_output")
 BACKENDS = ("auto", "emulated", "te")
 PAPER_BF16_SHARE = 0.15
 MAX_RHT_SIZE = 256  # the paper studied 16-128; larger sizes cost O(size) per element for nothing
@@ -50,6 +55,8 @@ class NVFP4Recipe:
     backend: str = "auto"
     format: str = "nvfp4"
     seed: int = 0
+    rht_gemms: tuple[str, ...] = PAPER_RHT_GEMMS
+    stochastic_roles: tuple[str, ...] = PAPER_STOCHASTIC_ROLES
 
     def __post_init__(self) -> None:
         mods = self.modules_to_not_convert
@@ -62,6 +69,9 @@ class NVFP4Recipe:
                 f"modules_to_not_convert must be a list of module names, prefixes or glob patterns, got {mods!r}"
             )
         object.__setattr__(self, "modules_to_not_convert", tuple(mods))
+        for name in ("rht_gemms", "stochastic_roles"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v) if isinstance(v, list) else v)
         validate_fields(self, "NVFP4Recipe")
 
     def resolved_bf16_blocks(self, n_blocks: int) -> tuple[int, int]:
@@ -99,8 +109,15 @@ class NVFP4Recipe:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["modules_to_not_convert"] = list(self.modules_to_not_convert)
+        for name in ("modules_to_not_convert", "rht_gemms", "stochastic_roles"):
+            d[name] = list(getattr(self, name))
         return d
+
+    def paper_placement(self) -> bool:
+        """RHT and stochastic rounding where the paper puts them (not a negative control)."""
+        return tuple(self.rht_gemms) == PAPER_RHT_GEMMS and sorted(self.stochastic_roles) == sorted(
+            PAPER_STOCHASTIC_ROLES
+        )
 
 
 def validate_fields(obj, owner: str) -> None:
@@ -125,6 +142,13 @@ def validate_fields(obj, owner: str) -> None:
         raise ValueError(f"{owner}.backend must be one of {BACKENDS}, got {obj.backend!r}")
     if obj.format not in PRECISIONS:
         raise ValueError(f"{owner}.format must be one of {PRECISIONS}, got {obj.format!r}")
+    for name, allowed in (("rht_gemms", GEMMS), ("stochastic_roles", ROLES)):
+        v = getattr(obj, name)
+        if not isinstance(v, (list, tuple)) or any(x not in allowed for x in v) or len(set(v)) != len(v):
+            raise ValueError(
+                f"{owner}.{name} must be a list of distinct names from {list(allowed)}, got {v!r} "
+                f"(the paper's placement is {list(PAPER_RHT_GEMMS if name == 'rht_gemms' else PAPER_STOCHASTIC_ROLES)})"
+            )
 
 
 def as_recipe(obj=None) -> NVFP4Recipe:
@@ -182,10 +206,13 @@ def quantizer_for(recipe: NVFP4Recipe, role: str, format: str | None = None) -> 
     if not fmt.quantizes:
         return QuantizerSpec(fmt.name, None, False, recipe.rht_size, False)
     weight = role.endswith("weight")
-    two_d = weight and not recipe.disable_2d_quantization and fmt.weight_tile is not None
+    # The paper: RHT on both Wgrad operands only, SR on the gradients only (recipe.rht_gemms and
+    # recipe.stochastic_roles move them, for negative controls). A transformed GEMM needs both
+    # operands in the same basis, so a weight under RHT takes 1D blocks along that GEMM's inner dim.
+    rht = role.split("_")[0] in recipe.rht_gemms and not recipe.disable_rht
+    stochastic = role in recipe.stochastic_roles and not recipe.disable_stochastic_rounding
+    two_d = weight and not recipe.disable_2d_quantization and fmt.weight_tile is not None and not rht
     tile = fmt.weight_tile if two_d else fmt.act_tile
-    rht = role.startswith("wgrad") and not recipe.disable_rht  # RHT only on the Wgrad operands
-    stochastic = role.endswith("grad_output") and not recipe.disable_stochastic_rounding  # SR only on gradients
     return QuantizerSpec(fmt.name, tile, rht, recipe.rht_size, stochastic)
 
 
