@@ -220,3 +220,18 @@ def test_rht_ignores_autocast():
         q = hf_nvfp4.quantize_nvfp4(x, rht=True)
     assert y.dtype == torch.float32 and torch.equal(y, hf_nvfp4.hadamard_transform(x))
     assert torch.equal(q.data, hf_nvfp4.quantize_nvfp4(x, rht=True).data)
+
+
+def test_block_scale_rounding_matches_e4m3_cast():
+    # The fast block-scale rounding (compares and adds) must equal torch's E4M3 cast on every
+    # E4M3 value, every midpoint between neighbours (ties to even), just either side of each
+    # midpoint, the subnormal range and NaN.
+    from hf_nvfp4.formats.nvfp4 import _round_e4m3
+
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mids = (grid[:-1] + grid[1:]) / 2
+    s = torch.cat([grid, mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(1e4)),
+                   torch.rand(200_000) * 448, torch.rand(10_000) * 2.0**-6, torch.tensor([float("nan")])])
+    got, want = _round_e4m3(s), s.to(torch.float8_e4m3fn).float()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])
