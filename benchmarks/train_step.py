@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
         for k, m in models.items():
             mem = saved_bytes(m, ids, dev, dtype) / 2**20
             mem0 = mem0 or mem
-            print(f"{k:40s} {mem:17.1f}MiB {mem / mem0:6.2f}x {peak_mib(m, ids, dev, dtype):10.1f}MiB")
+            peak = peak_mib(m, ids, dev, dtype)
+            peak_s = "n/a (CPU)" if peak != peak else f"{peak:.1f}MiB"
+            print(f"{k:40s} {mem:17.1f}MiB {mem / mem0:6.2f}x {peak_s:>12s}")
         del base, every, default, models
 
     widths = [int(w) for w in args.widths.split(",") if w.strip()]
