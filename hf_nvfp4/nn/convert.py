@@ -145,8 +145,8 @@ def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> 
     if n_convert == 0:
         reasons = sorted({d for d in plan.values()})
         raise ValueError(
-            f"convert_model: no Linear layer of {type(model).__name__} can be converted "
-            f"({len(plan)} Linear layers; reasons: {reasons or ['the model has no nn.Linear']}). "
+            f"convert_model: no Linear layer or MoE expert module of {type(model).__name__} can be converted "
+            f"({len(plan)} candidates; reasons: {reasons or ['the model has no nn.Linear and no expert module']}). "
             "Lower bf16_first_blocks/bf16_last_blocks or narrow modules_to_not_convert."
         )
     state = NVFP4State(recipe, rank=_rank(rank))
