@@ -12,13 +12,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from launch import run_script
 from models import tiny
 from test_te_backend import standin  # noqa: F401 - the TE stand-in fixture
 from transformers import AutoModelForCausalLM
 
 import hf_nvfp4
 from hf_nvfp4 import NVFP4Config, NVFP4Linear, NVFP4Plugin
-from hf_nvfp4.recipe import RECIPE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = NVFP4Config(bf16_last_blocks=1)  # SR, RHT and 2D scaling on: the paper's recipe
@@ -287,15 +287,8 @@ def _example(tmp_path, name, batch, launcher=None, steps=4):
     args = ["--max-steps", str(steps), "--batch-size", str(batch), "--seq-len", "64", "--hidden", "64",
             "--layers", "2", "--max-files", "4", "--warmup", "2", "--log-every", "1", "--switch-at", "0.5",
             "--output-dir", str(out), "--losses-json", str(tmp_path / f"{name}.json")]
-    script = str(ROOT / "examples" / "accelerate_loop.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if launcher is None:
-        cmd = [sys.executable, script, *args]
-    else:
-        accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-        cmd = [accelerate, "launch", "--config_file", str(RECIPE_DIR / "accelerate" / launcher), script, *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
+    res = run_script(ROOT / "examples" / "accelerate_loop.py", args, cwd=tmp_path, pythonpath=ROOT,
+                     accelerate_config=launcher)
     run = json.loads((tmp_path / f"{name}.json").read_text())
     run["stdout"] = res.stdout
     return run

@@ -2,17 +2,17 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import run_script
 
 import hf_nvfp4
 from hf_nvfp4.nn import find_blocks
-from hf_nvfp4.recipe import RECIPE_DIR, RecipeError, load_recipe
+from hf_nvfp4.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -105,23 +105,8 @@ def _launch(tmp_path, accel_config, batch, name):
         f"training.batch_size={batch}",
         f"output_dir={out}",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
-    if accel_config is None:
-        cmd = [sys.executable, str(script), str(tmp_path / f"{name}.json"), "tiny-cpu", *overrides]
-    else:
-        accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-        cmd = [
-            accelerate,
-            "launch",
-            "--config_file",
-            str(RECIPE_DIR / "accelerate" / accel_config),
-            str(script),
-            str(tmp_path / f"{name}.json"),
-            "tiny-cpu",
-            *overrides,
-        ]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
+    res = run_script(script, [str(tmp_path / f"{name}.json"), "tiny-cpu", *overrides], cwd=tmp_path,
+                     pythonpath=ROOT / "tests", accelerate_config=accel_config)
     out = json.loads((tmp_path / f"{name}.json").read_text())
     out["stderr"] = res.stderr
     return out
