@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .ablate_plots import plot
 from .config import NVFP4Config
+from .generated import write_generated
 from .integrations.stats import format_interval, paired_summary
 from .ops.baselines import fp8_baseline_recipe, mxfp4_paper_recipe
 from .ops.recipe import GEMMS, PAPER_STOCHASTIC_ROLES
@@ -46,7 +47,6 @@ VARIANTS: dict[str, str] = {
 SWITCH_AT = 0.82
 SWITCH_SCOPES = {"switch_all": "all", "switch_fwd": "forward", "switch_bwd": "backward"}
 REFERENCES = ("nvfp4", "fp8", "bf16")
-BEGIN, END = "<!-- hf-nvfp4 ablate: generated below -->", "<!-- hf-nvfp4 ablate: generated above -->"
 
 
 def model_blocks(base: Recipe) -> int:
@@ -240,22 +240,8 @@ def _load_runs(log: Path) -> list[dict]:
 
 def write_markdown(path: Path, body: str) -> None:
     """Write the generated part of ``path`` between the markers, keeping what a person wrote around it."""
-    block = f"{BEGIN}\n\n{body}\n\n{END}\n"
-    if not path.exists():
-        path.write_text(block)
-        return
-    text = path.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        path.write_text(head + block + tail)
-    elif text.startswith("# Ablation results ("):  # written whole by an earlier version of this command
-        path.write_text(block)
-    else:
-        raise ValueError(
-            f"{path} exists and was not written by hf-nvfp4 ablate; add the lines {BEGIN!r} and {END!r} "
-            "where the generated table should go, or choose another --out"
-        )
+    # a page starting with the old title was written whole by an earlier version of this command
+    write_generated(path, body, "ablate", legacy_prefix="# Ablation results (")
 
 
 def ablate(

@@ -15,10 +15,9 @@ import math
 import statistics
 from pathlib import Path
 
+from .generated import write_generated
 from .integrations.diagnose import GEMMS, MECHANISMS, diagnose
 from .integrations.stats import paired_summary
-
-BEGIN, END = "<!-- hf-nvfp4 diagnose: generated below -->", "<!-- hf-nvfp4 diagnose: generated above -->"
 
 
 def checkpoint_batch(model_dir: str | Path, batch_size: int = 8, recipe=None, split: str = "eval") -> tuple:
@@ -246,14 +245,7 @@ def write_report(rep: dict, out_dir: str | Path, title: str, command: str | None
     pngs = plot_depth(rep, out, title)
     body = markdown_report(rep, title, command) + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
     md = out / "diagnostics.md"
-    block = f"{BEGIN}\n\n{body}\n\n{END}\n"
-    if md.exists() and BEGIN in md.read_text() and END in md.read_text():
-        head, rest = md.read_text().split(BEGIN, 1)
-        md.write_text(head + block + rest.split(END, 1)[1].lstrip("\n"))
-    elif md.exists():
-        raise ValueError(f"{md} exists and has no hf-nvfp4 diagnose markers; choose another --out")
-    else:
-        md.write_text(block)
+    write_generated(md, body, "diagnose")
     return [out / "diagnostics.json", out / "diagnostics_layers.csv", md, *pngs]
 
 
