@@ -217,7 +217,7 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
             scale_f32, enc = (t.expand(-1, 16, -1, -1).reshape(-1, 1) for t in (scale_f32, enc))
             xb = x2.view(-1, 16)
     seeds = _random.draw_seeds(generator, x.device) if stochastic else None
-    return x, x2, xb, None, scale_f32, enc, g, seeds, amax, tile
+    return x, x2, xb, scale_f32, enc, g, seeds, amax, tile
 
 
 def _empty_scales(xb):
@@ -249,7 +249,7 @@ def quantize_nvfp4(
     >>> q.data.shape, q.scale.shape
     (torch.Size([32, 32]), torch.Size([32, 4]))
     """
-    x, x2, xb, _, scale_f32, enc, g, seeds, amax, tile = _prepare(
+    x, x2, xb, scale_f32, enc, g, seeds, amax, tile = _prepare(
         x, tile, rht, rht_size, stochastic, generator, amax, "quantize_nvfp4"
     )
     m, k = x2.shape
@@ -291,7 +291,7 @@ def fake_quantize_nvfp4(
     >>> y.shape, y.dtype
     (torch.Size([16, 32]), torch.bfloat16)
     """
-    x, x2, xb, _, scale_f32, enc, g, seeds, amax, tile = _prepare(
+    x, x2, xb, scale_f32, enc, g, seeds, amax, tile = _prepare(
         x, tile, rht, rht_size, stochastic, generator, amax, "fake_quantize_nvfp4"
     )
     m, k = x2.shape
@@ -331,7 +331,7 @@ def nvfp4_gemm_operand(
     the NVFP4 GEMM. Rows are cropped to the input's; the last dim keeps its zero padding
     (cropping a Hadamard-transformed operand would change the product).
     """
-    x, x2, xb, _, scale_f32, enc, g, seeds, _, _ = _prepare(
+    x, x2, xb, scale_f32, enc, g, seeds, _, _ = _prepare(
         x, tile, rht, rht_size, stochastic, generator, None, "nvfp4_gemm_operand"
     )
     m, k = x2.shape
