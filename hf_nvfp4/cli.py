@@ -49,7 +49,7 @@ def _plot(args) -> int:
     except ImportError:
         print("hf-nvfp4 plot-parity: needs matplotlib: pip install 'hf-nvfp4[plots]'", file=sys.stderr)
         return 2
-    from .plots import plot_loss_parity
+    from .science.plots import plot_loss_parity
 
     out = plot_loss_parity(args.run, args.out, tag=args.tag)
     print(f"hf-nvfp4: wrote {out}")
@@ -84,7 +84,7 @@ def _compare(args) -> int:
 
 
 def _ablate(args) -> int:
-    from .ablate import ablate
+    from .science.ablate import ablate
 
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     variants = args.variants.split(",") if args.variants else None
@@ -127,7 +127,7 @@ def _export(args) -> int:
 
 
 def _diagnose(args) -> int:
-    from .diagnostics import diagnose_checkpoint, summary_lines
+    from .science.diagnose_report import diagnose_checkpoint, summary_lines
 
     cmd = "hf-nvfp4 diagnose " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["diagnose"] else None
     out = args.out or str(Path(args.model_dir) / "diagnostics")

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .config import NVFP4Config
+from .integrations.config import NVFP4Config
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # inside the package: wheels ship them
 

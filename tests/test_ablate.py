@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from hf_nvfp4.ablate import summarize
+from hf_nvfp4.science.ablate import summarize
 
 TINY = [
     "training.max_steps=4",

@@ -14,14 +14,16 @@ from hf_nvfp4 import NVFP4Config, NVFP4Linear, NVFP4Recipe, NVFP4State
 
 PKG = Path(hf_nvfp4.__file__).resolve().parent
 HF_PACKAGES = {"transformers", "accelerate", "datasets", "lm_eval", "evaluate", "huggingface_hub", "peft"}
-CORE = ("formats", "ops", "nn")
-# formats -> ops -> nn -> integrations -> everything else (app, cli): lower never imports higher
-RANK = {"formats": 0, "ops": 1, "nn": 2, "integrations": 3}
+CORE = ("formats", "config", "ops", "nn")
+# formats -> config -> ops -> nn -> integrations -> science and the app -> cli (and the package's
+# front door): lower never imports higher
+RANK = {"formats": 0, "config": 1, "ops": 2, "nn": 3, "integrations": 4, "science": 5, "cli": 6}
+APP = 5
 
 
 def _layer(mod: str) -> int:
     parts = mod.split(".")
-    return RANK.get(parts[1], 4) if len(parts) > 1 else 4
+    return RANK.get(parts[1], APP) if len(parts) > 1 else RANK["cli"]
 
 
 def _imports(path: Path) -> list[str]:

@@ -162,7 +162,7 @@ def test_errors(tmp_path):
 
 
 def test_parity_plot(full_run, tmp_path):
-    from hf_nvfp4.plots import plot_loss_parity
+    from hf_nvfp4.science.plots import plot_loss_parity
 
     out, _, _ = full_run
     png = plot_loss_parity(out / "checkpoint-20", tmp_path / "parity.png")

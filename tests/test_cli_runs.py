@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import hf_nvfp4.ablate as ablate_mod
+import hf_nvfp4.science.ablate as ablate_mod
 from hf_nvfp4.cli import main
 from hf_nvfp4.evaluation import compare_runs
 from hf_nvfp4.recipe import RecipeError, load_recipe

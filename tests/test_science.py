@@ -10,8 +10,13 @@ from transformers import TrainingArguments
 
 import hf_nvfp4
 from hf_nvfp4 import FP8ShadowCallback, NVFP4Config, NVFP4Linear, NVFP4Recipe
-from hf_nvfp4.ablate import fingerprint, variant_nvfp4, variant_recipe, write_markdown
-from hf_nvfp4.integrations.diagnose import (
+from hf_nvfp4.config import role_table
+from hf_nvfp4.integrations.shadow_run import ShadowRun
+from hf_nvfp4.nn.te_backend import te_unsupported_reason
+from hf_nvfp4.ops.baselines import paper_fp8_bf16_blocks
+from hf_nvfp4.recipe import load_recipe
+from hf_nvfp4.science.ablate import fingerprint, variant_nvfp4, variant_recipe, write_markdown
+from hf_nvfp4.science.diagnose import (
     MECHANISMS,
     TENSORS,
     bias_interval,
@@ -21,12 +26,7 @@ from hf_nvfp4.integrations.diagnose import (
     quant_health,
     target_layers,
 )
-from hf_nvfp4.integrations.shadow_run import ShadowRun
-from hf_nvfp4.integrations.stats import paired_summary, t_quantile
-from hf_nvfp4.nn.te_backend import te_unsupported_reason
-from hf_nvfp4.ops.baselines import paper_fp8_bf16_blocks
-from hf_nvfp4.ops.recipe import role_table
-from hf_nvfp4.recipe import load_recipe
+from hf_nvfp4.science.stats import paired_summary, t_quantile
 
 
 def _layers(model):

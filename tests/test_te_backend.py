@@ -23,9 +23,9 @@ from models import tiny
 
 import hf_nvfp4
 from hf_nvfp4 import NVFP4Config, NVFP4Linear
+from hf_nvfp4.config import NVFP4Recipe, as_recipe
 from hf_nvfp4.nn import te_backend
 from hf_nvfp4.nn.te_backend import select_backend, te_status
-from hf_nvfp4.ops.recipe import NVFP4Recipe, as_recipe
 
 STANDIN = Path(__file__).parent / "te_standin"
 EXACT = dict(rtol=0, atol=0)

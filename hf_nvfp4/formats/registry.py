@@ -1,6 +1,6 @@
 """One registry of number formats keyed by name: what each can do, and the same calls for all.
 
-Nothing outside this file and the role table (``hf_nvfp4.ops.recipe``) names a format: the
+Nothing outside this file and the role table (``hf_nvfp4.config``) names a format: the
 training ops ask a :class:`Format` for its capabilities (tiles, RHT sizes, stochastic rounding)
 and call its methods. ``"bf16"`` is the high-precision entry: no quantization at all.
 

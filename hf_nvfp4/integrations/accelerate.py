@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..config import NVFP4Recipe, as_recipe
 from ..nn.convert import convert_model
-from ..ops.recipe import NVFP4Recipe, as_recipe
 from .shadow import load_side_file
 from .shadow_run import ShadowRun, mean_across_ranks
 from .switch import LateSwitch

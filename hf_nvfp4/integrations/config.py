@@ -1,7 +1,7 @@
 """NVFP4Config: the HF quantization config of the recipe (``quant_method="hf_nvfp4"``).
 
 The core (formats/ops/nn) knows nothing of transformers: it computes with the frozen
-:class:`~hf_nvfp4.ops.recipe.NVFP4Recipe`, which this config converts to (``to_recipe()``).
+:class:`~hf_nvfp4.config.NVFP4Recipe`, which this config converts to (``to_recipe()``).
 The copy a converted model carries in ``config.quantization_config`` is frozen too.
 """
 
@@ -13,8 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..formats.registry import PRECISIONS
-from ..ops.recipe import (
+from ..config import (
     BACKENDS,
     PAPER_RHT_GEMMS,
     PAPER_STOCHASTIC_ROLES,
@@ -22,6 +21,7 @@ from ..ops.recipe import (
     check_format,
     validate_fields,
 )
+from ..formats.registry import PRECISIONS
 
 QUANT_METHOD = "hf_nvfp4"  # transformers already owns "nvfp4" (an inference-only path)
 __all__ = ["BACKENDS", "PRECISIONS", "QUANT_METHOD", "NVFP4Config"]

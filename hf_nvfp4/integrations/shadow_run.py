@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn as nn
 
+from ..config import NVFP4Recipe
 from ..formats.registry import PRECISIONS
 from ..nn.convert import convert_model, find_blocks, unconvert_model
 from ..ops.baselines import FP8_ALLOCATIONS, fp8_baseline_recipe
-from ..ops.recipe import NVFP4Recipe
 
 logger = logging.getLogger("hf_nvfp4")
 STATE_KEYS = ("model", "optimizer", "scheduler", "ema", "pending", "sr")

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
+from ..config import NVFP4Recipe, as_recipe, check_format
 from ..formats.registry import PRECISIONS
-from ..ops.recipe import NVFP4Recipe, as_recipe, check_format
 from .linear import NVFP4Linear, NVFP4State, detach_states
 
 logger = logging.getLogger("hf_nvfp4")

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..config import as_recipe
 from ..ops.experts import quantized_experts
 from ..ops.linear import GemmPlan
-from ..ops.recipe import as_recipe
 from .convert import ON_CONVERT, ON_PLAN, ON_UNCONVERT, find_blocks, module_matches
 from .linear import NVFP4State
 

@@ -10,10 +10,10 @@ import zlib
 import torch
 import torch.nn as nn
 
+from ..config import NVFP4Recipe, as_recipe, check_format
 from ..formats.registry import PRECISIONS, get_format
 from ..ops.cache import OperandCache
 from ..ops.linear import GemmPlan, quantized_linear
-from ..ops.recipe import NVFP4Recipe, as_recipe, check_format
 
 
 class NVFP4State:

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from ..ops.recipe import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES
+from ..config import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES
 from .te_recipes import build_recipe, layer_unsupported, needs_bf16, te_recipe_kwargs, token_multiple
 
 __all__ = ["attach_te", "detach_te", "select_backend", "te_forward", "te_recipe_kwargs", "te_status"]

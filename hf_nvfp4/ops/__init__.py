@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..config import ROLES, NVFP4Recipe, QuantizerSpec, as_recipe, check_format, quantizer_for, role_table
 from .linear import GemmPlan, quantized_linear
-from .recipe import ROLES, NVFP4Recipe, QuantizerSpec, as_recipe, check_format, quantizer_for, role_table
 
 
 def GemmRecipe(fprop: str = "nvfp4", backward: str = "nvfp4", rht: bool = True, stochastic: bool = True,  # noqa: N802

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from .recipe import NVFP4Recipe, as_recipe
+from ..config import NVFP4Recipe, as_recipe
 
 PAPER_FP8_BLOCKS = 62  # the 12B model's blocks
 PAPER_FP8_BF16_FIRST = 1  # of 62, kept in BF16 at the start

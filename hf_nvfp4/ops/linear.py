@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import NVFP4Recipe, QuantizerSpec, role_table
 from ..formats.nvfp4 import NVFP4Tensor
 from ..formats.registry import get_format
 from .cache import OperandCache
-from .recipe import NVFP4Recipe, QuantizerSpec, role_table
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import transformer_engine
+from hf_nvfp4.config import ROLES, QuantizerSpec
 from hf_nvfp4.formats.fp8 import default_pow2_scales
 from hf_nvfp4.ops.linear import GemmPlan, quantized_linear
-from hf_nvfp4.ops.recipe import ROLES, QuantizerSpec
 
 from ...common.recipe import (
     CustomRecipe,

@@ -15,9 +15,9 @@ import math
 import statistics
 from pathlib import Path
 
-from .generated import write_generated
-from .integrations.diagnose import GEMMS, MECHANISMS, diagnose
-from .integrations.stats import paired_summary
+from ..generated import write_generated
+from .diagnose import GEMMS, MECHANISMS, diagnose
+from .stats import paired_summary
 
 
 def checkpoint_batch(model_dir: str | Path, batch_size: int = 8, recipe=None, split: str = "eval") -> tuple:
@@ -25,9 +25,9 @@ def checkpoint_batch(model_dir: str | Path, batch_size: int = 8, recipe=None, sp
     import torch
     from transformers import default_data_collator
 
-    from .data import build_datasets, build_tokenizer
-    from .recipe import load_recipe
-    from .train import run_scope
+    from ..data import build_datasets, build_tokenizer
+    from ..recipe import load_recipe
+    from ..train import run_scope
 
     src = recipe or Path(model_dir) / "recipe.json"
     if recipe is None and not Path(src).is_file():

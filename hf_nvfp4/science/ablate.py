@@ -19,13 +19,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import GEMMS, PAPER_STOCHASTIC_ROLES
+from ..generated import write_generated
+from ..integrations.config import NVFP4Config
+from ..ops.baselines import fp8_baseline_recipe, mxfp4_paper_recipe
+from ..recipe import PrecisionSwitchSection, Recipe, load_recipe
 from .ablate_plots import plot
-from .config import NVFP4Config
-from .generated import write_generated
-from .integrations.stats import format_interval, paired_summary
-from .ops.baselines import fp8_baseline_recipe, mxfp4_paper_recipe
-from .ops.recipe import GEMMS, PAPER_STOCHASTIC_ROLES
-from .recipe import PrecisionSwitchSection, Recipe, load_recipe
+from .stats import format_interval, paired_summary
 
 VARIANTS: dict[str, str] = {
     "bf16": "BF16 everywhere",
@@ -97,7 +97,7 @@ RESULT_FILES = ("runs.jsonl", "ablation.json", "ablation_loss_curves.png", "abla
 
 def _protect(out: Path, resume: bool, overwrite: bool) -> None:
     """Never add to or overwrite a previous sweep's results unasked."""
-    from .rundir import RunDirError
+    from ..rundir import RunDirError
 
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other; pick one")
@@ -154,7 +154,7 @@ def bf16_blocks(recipe: Recipe, n_blocks: int) -> str:
 
 
 def run_one(recipe: Recipe) -> dict:
-    from .train import run_recipe
+    from ..train import run_recipe
 
     s = run_recipe(recipe, evaluate_at_end=True, evaluate_bf16_at_end=True, quiet=True)
     return {k: s[k] for k in ("final_loss", "eval_loss", "eval_loss_bf16", "loss_curve", "tokens", "seconds")}
@@ -264,7 +264,7 @@ def ablate(
     ``overwrite`` (delete its results and start over; text written around the generated block
     of ablation.md is kept).
 
-    >>> from hf_nvfp4.ablate import VARIANTS
+    >>> from hf_nvfp4.science.ablate import VARIANTS
     >>> "mxfp4" in VARIANTS and "switch_bwd" in VARIANTS
     True
     """

@@ -1,0 +1,1 @@
+"""Science: measurements of the recipe (diagnose, statistics, ablations, plots), above the integrations."""
