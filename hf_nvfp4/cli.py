@@ -1,5 +1,9 @@
 """Command line: ``hf-nvfp4 train RECIPE [--resume | --overwrite]``, ``eval``, ``compare``, ``ablate``, ``export``,
-``recipes``."""
+``recipes``.
+
+Every command imports what it needs inside its function: ``--help``, ``recipes`` and argument
+errors load neither torch nor transformers (tests/test_package.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,8 @@ from pathlib import Path
 
 
 def _train(args) -> int:
-    from .recipe import load_recipe
-    from .rundir import prepare_output_dir
-    from .train import run_recipe
-
     name = args.recipe_opt or args.recipe
-    if name is None:
+    if name is None:  # before any heavy import: argument errors come back at once
         args.parser.print_usage(sys.stderr)
         print(
             "hf-nvfp4 train: give a recipe, a shipped name (list them with: hf-nvfp4 recipes) or a YAML path, "
@@ -23,6 +23,10 @@ def _train(args) -> int:
             file=sys.stderr,
         )
         return 2
+    from .recipe import load_recipe
+    from .rundir import prepare_output_dir
+    from .train import run_recipe
+
     overrides = list(args.set or [])
     if args.max_steps is not None:
         overrides.append(f"training.max_steps={args.max_steps}")

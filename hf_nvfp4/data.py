@@ -6,10 +6,10 @@ import glob
 import sysconfig
 from pathlib import Path
 
-from .recipe import RecipeError, RecipeFile
+from .recipe import RecipeError, RunSpec
 
 
-def build_tokenizer(recipe: RecipeFile):
+def build_tokenizer(recipe: RunSpec):
     """ByT5's byte tokenizer (no files, no network), or AutoTokenizer for ``kind: auto``."""
     if recipe.tokenizer.kind == "byte":
         from transformers import ByT5Tokenizer
@@ -42,7 +42,7 @@ def _local_files(patterns: list[str]) -> list[str]:
     return out
 
 
-def build_datasets(recipe: RecipeFile, tokenizer, main_process_first=None):
+def build_datasets(recipe: RunSpec, tokenizer, main_process_first=None):
     """(train, eval or None): text tokenized and packed into ``seq_len`` blocks with labels."""
     import datasets
 
@@ -88,17 +88,17 @@ def build_datasets(recipe: RecipeFile, tokenizer, main_process_first=None):
     return split["train"], split["test"]
 
 
-def calibration_batches(recipe: RecipeFile | str, max_batches: int = 8) -> list[dict]:
+def calibration_batches(recipe: RunSpec | str, max_batches: int = 8) -> list[dict]:
     """A few batches of a recipe's data (its held-out split if it has one), for W4A4 export calibration.
 
-    ``recipe``: a RecipeFile, a shipped recipe's name or a YAML path. Returns ``[{"input_ids": [B, T]}, ...]``
+    ``recipe``: a RunSpec, a shipped recipe's name or a YAML path. Returns ``[{"input_ids": [B, T]}, ...]``
     (B = the recipe's batch size), ready for ``hf_nvfp4.export_nvfp4(..., calibration=...)``.
     """
     import torch
 
     from .recipe import load_recipe
 
-    if not isinstance(recipe, RecipeFile):
+    if not isinstance(recipe, RunSpec):
         recipe = load_recipe(recipe)
     train, held_out = build_datasets(recipe, build_tokenizer(recipe))
     ds = held_out if held_out is not None and len(held_out) > 0 else train

@@ -1,7 +1,9 @@
-"""Recipe files: YAML data (never code) describing one training run, validated strictly.
+"""Run files: YAML data (never code) describing one training run, validated strictly.
 
-A recipe file names a whole run (model, data, training, callbacks) and carries the NVFP4 recipe
-itself under ``nvfp4:`` (an :class:`~hf_nvfp4.NVFP4Config`). Its Python form is :class:`RecipeFile`.
+Users call them recipes (``hf-nvfp4 recipes``, ``hf-nvfp4 train RECIPE``, the ``recipes/``
+folder). In the code a run file is a :class:`RunSpec`, and "recipe" is the frozen numerics recipe
+(:class:`~hf_nvfp4.NVFP4Recipe`), which a run file carries under ``nvfp4:`` (as an
+:class:`~hf_nvfp4.NVFP4Config`). The field types of the dataclasses below are the schema.
 
 An unknown or mistyped key is an error that names it and lists the valid ones. Loading uses
 ``yaml.safe_load``; ``trust_remote_code`` stays off unless the recipe sets it; the network
@@ -13,13 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .integrations.config import NVFP4Config
+if TYPE_CHECKING:  # imported when a run file is built: listing recipes needs no transformers
+    from .integrations.config import NVFP4Config
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # inside the package: wheels ship them
 
@@ -110,15 +115,23 @@ class LoggingSection:
     health_every_n_steps: int = 0  # > 0: log weight quantization health (QuantHealthCallback)
 
 
+def _nvfp4_config(**fields) -> NVFP4Config:
+    from .integrations.config import NVFP4Config
+
+    return NVFP4Config(**fields)
+
+
 @dataclass
-class RecipeFile:
+class RunSpec:
+    """One training run, as a run file (YAML, "recipe" to users) describes it."""
+
     name: str = "recipe"
     output_dir: str = "runs/recipe"
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
-    nvfp4: NVFP4Config | None = field(default_factory=NVFP4Config)  # null: train in plain BF16
+    nvfp4: NVFP4Config | None = field(default_factory=_nvfp4_config)  # null: train in plain BF16
     precision_switch: PrecisionSwitchSection = field(default_factory=PrecisionSwitchSection)
     fp8_shadow: ShadowSection = field(default_factory=ShadowSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
@@ -140,11 +153,9 @@ class RecipeFile:
             d["nvfp4"] = {k: v for k, v in self.nvfp4.to_dict().items() if k != "quant_method"}
         return d
 
-
-
-Recipe = RecipeFile  # older name
-
 def _build(cls, data: Any, where: str):
+    from .integrations.config import NVFP4Config  # here: listing recipes needs no transformers
+
     if cls is NVFP4Config:
         if data is None:
             return None
@@ -158,56 +169,54 @@ def _build(cls, data: Any, where: str):
         return cls()
     if not isinstance(data, dict):
         raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}: {data!r}")
-    types = {f.name: f.type for f in fields(cls)}
+    hints = typing.get_type_hints(cls, localns={"NVFP4Config": NVFP4Config})
     kwargs = {}
     for key, value in data.items():
-        if key not in types:
-            raise RecipeError(f"unknown key {where}.{key}; valid keys of {where} are: {', '.join(types)}")
-        kwargs[key] = _coerce(types[key], value, f"{where}.{key}")
+        if key not in hints:
+            valid = ", ".join(f.name for f in fields(cls))
+            raise RecipeError(f"unknown key {where}.{key}; valid keys of {where} are: {valid}")
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
     return cls(**kwargs)
 
 
-def _coerce(annotation: str, value: Any, where: str):
-    """Check ``value`` against a field's annotation (a string, e.g. ``"int | None"``)."""
-    options = [t.strip() for t in str(annotation).split("|")]
-    section = SECTIONS.get(options[0])
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is None and isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(tp, value: Any, where: str):
+    """Check ``value`` against a field's type (``int | None``, ``list[str]``, a section, ...)."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    options = typing.get_args(tp) if union else (tp,)
+    from .integrations.config import NVFP4Config
+
+    section = next((o for o in options if o is NVFP4Config or dataclasses.is_dataclass(o)), None)
     if section is not None:
         return _build(section, value, where)
     if value is None:
-        if "None" in options or "Any" in options:
+        if type(None) in options or Any in options:
             return None
-        raise RecipeError(f"{where} may not be null (expected {annotation})")
+        raise RecipeError(f"{where} may not be null (expected {_type_name(tp)})")
     for opt in options:
-        if opt == "Any":
+        origin = typing.get_origin(opt) or opt
+        if opt is Any:
             return value
-        if opt == "bool" and isinstance(value, bool):
+        if opt is bool and isinstance(value, bool):
             return value
-        if opt == "int" and isinstance(value, int) and not isinstance(value, bool):
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if opt == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if opt == "str" and isinstance(value, str):
+        if opt is str and isinstance(value, str):
             return value
-        if opt.startswith("dict") and isinstance(value, dict):
+        if origin is dict and isinstance(value, dict):
             return value
-        if opt.startswith("list"):
+        if origin is list:
             items = [value] if isinstance(value, str) else value
             if isinstance(items, list) and all(isinstance(v, str) for v in items):
                 return items
-    raise RecipeError(f"{where} must be {annotation}, got {type(value).__name__} {value!r}")
-
-
-SECTIONS = {
-    "ModelSection": ModelSection,
-    "TokenizerSection": TokenizerSection,
-    "DataSection": DataSection,
-    "TrainingSection": TrainingSection,
-    "NVFP4Config": NVFP4Config,
-    "PrecisionSwitchSection": PrecisionSwitchSection,
-    "ShadowSection": ShadowSection,
-    "EvaluationSection": EvaluationSection,
-    "LoggingSection": LoggingSection,
-}
+    raise RecipeError(f"{where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
 def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
@@ -222,7 +231,7 @@ def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
     raise RecipeError(f"no recipe file {name_or_path!r}; give a path to a YAML file or one of: {', '.join(shipped)}")
 
 
-def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeFile:
+def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> RunSpec:
     """Read and validate a recipe; ``overrides`` are ``section.key=value`` strings (YAML values).
 
     >>> from hf_nvfp4.recipe import load_recipe
@@ -252,12 +261,12 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = N
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RecipeError(f"override {item!r}: the value is not plain YAML data ({msg})") from None
     data.setdefault("name", path.stem)
-    recipe = _build(RecipeFile, data, "recipe")
+    recipe = _build(RunSpec, data, "recipe")
     _check(recipe)
     return recipe
 
 
-def _check(r: RecipeFile) -> None:
+def _check(r: RunSpec) -> None:
     if (r.model.name_or_path is None) == (r.model.config is None):
         raise RecipeError("recipe.model needs exactly one of name_or_path (pretrained) or config (from scratch)")
     if r.model.config is not None and "model_type" not in r.model.config:
@@ -295,7 +304,7 @@ def _check(r: RecipeFile) -> None:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _check_callbacks(r: RecipeFile) -> None:
+def _check_callbacks(r: RunSpec) -> None:
     """Build the callback sections' objects now: a bad value fails at load, not after data and model."""
     from .integrations.callbacks import PrecisionSwitchCallback
     from .integrations.shadow import FP8ShadowCallback

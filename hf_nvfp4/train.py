@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .recipe import RecipeFile
+from .recipe import RunSpec
 
 logger = logging.getLogger("hf_nvfp4")
 
 
-def tensorboard_dir(recipe: RecipeFile) -> Path | None:
+def tensorboard_dir(recipe: RunSpec) -> Path | None:
     """Where TensorBoard events go: ``OUTPUT_DIR/logs``; None when ``logging.report_to`` has no tensorboard."""
     if "tensorboard" not in recipe.logging.report_to:
         return None
@@ -25,7 +25,7 @@ def tensorboard_dir(recipe: RecipeFile) -> Path | None:
 
 
 @contextlib.contextmanager
-def run_scope(recipe: RecipeFile, quiet: bool = False):
+def run_scope(recipe: RunSpec, quiet: bool = False):
     """Per-run process settings, restored on exit: offline switches (unless the recipe names a hub
     source), the TensorBoard/W&B directories (inside this run's output dir), library verbosity and
     progress bars, and the global RNGs the run seeds. Two runs in one process never share state."""
@@ -70,7 +70,7 @@ def run_scope(recipe: RecipeFile, quiet: bool = False):
         np.random.set_state(rng[2])
 
 
-def callbacks_from_recipe(recipe: RecipeFile) -> list:
+def callbacks_from_recipe(recipe: RunSpec) -> list:
     """The callbacks a recipe asks for."""
     from .integrations.callbacks import PrecisionSwitchCallback, QuantHealthCallback
 
@@ -102,7 +102,7 @@ def callbacks_from_recipe(recipe: RecipeFile) -> list:
     return cbs
 
 
-def build_model(recipe: RecipeFile, vocab_size: int):
+def build_model(recipe: RunSpec, vocab_size: int):
     """from_pretrained with NVFP4Config, or a fresh model from the recipe's architecture config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -123,7 +123,7 @@ def build_model(recipe: RecipeFile, vocab_size: int):
     return from_config(cfg, recipe.nvfp4, dtype=dtype, **trust)
 
 
-def training_arguments(recipe: RecipeFile, quiet: bool = False):
+def training_arguments(recipe: RunSpec, quiet: bool = False):
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -162,7 +162,7 @@ def training_arguments(recipe: RecipeFile, quiet: bool = False):
 
 
 def run_recipe(
-    recipe: RecipeFile,
+    recipe: RunSpec,
     *,
     extra_callbacks=None,
     evaluate_at_end: bool = False,
@@ -183,7 +183,7 @@ def run_recipe(
         return _run(recipe, extra_callbacks, evaluate_at_end, quiet, resume_from_checkpoint, evaluate_bf16_at_end)
 
 
-def _run(recipe: RecipeFile, extra_callbacks, evaluate_at_end: bool, quiet: bool, resume_from_checkpoint=None,
+def _run(recipe: RunSpec, extra_callbacks, evaluate_at_end: bool, quiet: bool, resume_from_checkpoint=None,
          evaluate_bf16_at_end: bool = False) -> dict:
     from transformers import Trainer, default_data_collator
 

@@ -131,8 +131,10 @@ def test_hand_built_layers_draw_different_noise_until_adopted():
 def test_recipe_is_frozen_and_set_recipe_revalidates():
     cfg = NVFP4Config(bf16_last_blocks=0)
     model = hf_nvfp4.convert_model(tiny("llama", 2), cfg)
-    cfg.disable_stochastic_rounding = "no"  # the caller's object: no effect on the model
+    cfg.disable_stochastic_rounding = True  # the caller's object: no effect on the model
     assert model.nvfp4_state.recipe.disable_stochastic_rounding is False
+    with pytest.raises(ValueError, match="disable_stochastic_rounding must be True or False"):
+        cfg.disable_stochastic_rounding = "no"  # validated when set, not when first used
     with pytest.raises(AttributeError, match="frozen.*set_recipe"):
         model.config.quantization_config.disable_stochastic_rounding = True
     with pytest.raises(Exception, match="frozen|cannot assign"):

@@ -12,8 +12,9 @@ import copy
 import torch
 
 import hf_nvfp4
+from hf_nvfp4.config import NVFP4Recipe
 from hf_nvfp4.formats import _random
-from hf_nvfp4.ops import GemmPlan, NVFP4Recipe, quantized_linear
+from hf_nvfp4.ops import GemmPlan, quantized_linear
 
 
 class Block(torch.nn.Module):

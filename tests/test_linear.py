@@ -5,7 +5,8 @@ import reference as ref
 import torch
 
 import hf_nvfp4
-from hf_nvfp4.ops import GemmPlan, NVFP4Recipe, quantized_linear
+from hf_nvfp4.config import NVFP4Recipe
+from hf_nvfp4.ops import GemmPlan, quantized_linear
 
 
 def plan(fprop=None, backward=None, generator=None, **recipe):

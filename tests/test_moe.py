@@ -12,8 +12,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_imp
 
 import hf_nvfp4
 from hf_nvfp4 import NVFP4Config, fake_quantize_nvfp4
+from hf_nvfp4.config import NVFP4Recipe
 from hf_nvfp4.nn import plan_conversion
-from hf_nvfp4.ops import GemmPlan, NVFP4Recipe, quantized_linear
+from hf_nvfp4.ops import GemmPlan, quantized_linear
 
 ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
 ALL_NVFP4 = NVFP4Config(bf16_last_blocks=0)
@@ -237,7 +238,7 @@ def test_coverage_report_and_loud_warning(caplog):
 def test_layer_selection_late_switch_and_unconvert():
     base = tiny_moe("qwen3_moe", layers=3)
     model = hf_nvfp4.convert_model(copy.deepcopy(base), NVFP4Config(bf16_first_blocks=1, bf16_last_blocks=1))
-    plan = plan_conversion(model, model.nvfp4_state.config)
+    plan = plan_conversion(model, model.nvfp4_state.recipe)
     assert plan["model.layers.0.mlp.experts"] == "bf16 block" and plan["model.layers.1.mlp.experts"] == "convert"
     assert plan["model.layers.2.mlp.experts"] == "bf16 block"
     assert "kept block (bf16)" in hf_nvfp4.coverage(model).high_precision()

@@ -61,3 +61,44 @@ def test_two_runs_in_one_process_log_into_their_own_directories(tmp_path):
         logs = list((tmp_path / name / "logs").rglob("events.out.tfevents*"))
         assert logs, f"run {name} wrote no TensorBoard events into its own logs dir"
     assert {k: os.environ.get(k) for k in before} == before
+
+
+_PROBE = """
+import resource, sys
+from hf_nvfp4.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'accelerate', 'datasets'})
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print('RESULT', code, ','.join(heavy) or '-', ru.ru_utime + ru.ru_stime, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args,code", [(["--help"], 0), (["recipes"], 0), (["train"], 2), (["bogus"], 2),
+                                       (["train", "--max-steps", "x"], 2)])
+def test_help_recipes_and_argument_errors_import_no_torch(args, code):
+    """Cheap help: no torch or transformers is imported (CPU time is printed, not asserted: a shared CI box)."""
+    out = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = out.stderr.strip().splitlines()[-1].split()
+    assert result[0] == "RESULT", out.stderr
+    assert int(result[1]) == code and result[2] == "-", (args, result)
+    print(args, f"CPU {float(result[3]):.2f} s")
+
+
+def test_import_registers_quant_method_once_transformers_models_load():
+    """``import hf_nvfp4`` is lazy, yet from_pretrained knows quant_method "hf_nvfp4" (registered when
+    transformers' model code loads, or at once if it already has)."""
+    probe = ("import sys, hf_nvfp4; assert 'transformers' not in sys.modules; "
+             "from transformers.modeling_utils import PreTrainedModel; "
+             "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; "
+             "print(M['hf_nvfp4'].__name__)")
+    late = ("import transformers.modeling_utils, hf_nvfp4; "
+            "from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING as M; "
+            "print(M['hf_nvfp4'].__name__)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for code, name in ((probe, "NVFP4HfQuantizer"), (late, "NVFP4Config")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == name, out.stderr[-2000:]

@@ -10,10 +10,10 @@ from transformers import TrainingArguments
 
 import hf_nvfp4
 from hf_nvfp4 import FP8ShadowCallback, NVFP4Config, NVFP4Linear, NVFP4Recipe
-from hf_nvfp4.config import role_table
+from hf_nvfp4.config import paper_fp8_bf16_blocks
 from hf_nvfp4.integrations.shadow_run import ShadowRun
 from hf_nvfp4.nn.te_backend import te_unsupported_reason
-from hf_nvfp4.ops.baselines import paper_fp8_bf16_blocks
+from hf_nvfp4.ops import role_table
 from hf_nvfp4.recipe import load_recipe
 from hf_nvfp4.science.ablate import fingerprint, variant_nvfp4, variant_recipe, write_markdown
 from hf_nvfp4.science.diagnose import (

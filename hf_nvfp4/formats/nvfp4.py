@@ -17,6 +17,7 @@ Scalars (steps 1-2) are computed eagerly: inductor rewrites ``c / t`` as
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,20 @@ class NVFP4Tensor:
 
     def size(self) -> torch.Size:
         return self.shape
+
+    # -- the quantized-tensor interface the training ops use (TE's reference tensors have it too)
+    def operand(self, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, g)`` for a GEMM: ``e2m1 * fp32(scale)`` in ``dtype`` (padded width), ``amax / 2688``."""
+        return nvfp4_operand_from_packed(self, dtype)
+
+    def prepare_for_saving(self) -> tuple[list[torch.Tensor], NVFP4Tensor]:
+        """The tensors for ``ctx.save_for_backward``, and a copy of this object without them."""
+        return [self.data, self.scale, self.amax], dataclasses.replace(self, data=None, scale=None, amax=None)
+
+    def restore_from_saved(self, tensors: list) -> list:
+        """Take back this object's tensors from the front of ``tensors``; returns the rest."""
+        self.data, self.scale, self.amax = tensors[:3]
+        return tensors[3:]
 
     def __repr__(self) -> str:
         return f"NVFP4Tensor(shape={tuple(self.shape)}, tile={self.tile}, rht={self.rht}, amax={float(self.amax):.6g})"
@@ -345,12 +360,6 @@ def nvfp4_gemm_operand(
     return vals.reshape(m, k)[: shape_2d(x)[0]], g
 
 
-def _code_value(c: torch.Tensor) -> torch.Tensor:
-    mag = (c & 7).to(torch.float32)
-    val = torch.where(mag <= 4.0, mag * 0.5, torch.where(mag == 7.0, 6.0, mag - 2.0))
-    return torch.where(c >= 8, -val, val)
-
-
 @fused(dims=(0,))
 def _unpack_scaled(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Packed codes [R, nb, 8] and E4M3 scales [R, nb, 1] -> e2m1 * fp32(scale) [R, nb, 8, 2].
@@ -360,7 +369,7 @@ def _unpack_scaled(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
     widened inside the kernel, not by a separate pass.
     """
     d = data.to(torch.int32)
-    vals = torch.stack([_code_value(d & 0x0F), _code_value(d >> 4)], dim=-1)
+    vals = torch.stack([values_from_codes(d & 0x0F), values_from_codes(d >> 4)], dim=-1)
     return (vals * scale.float().unsqueeze(-1)).to(dtype)
 
 

@@ -1,4 +1,4 @@
-"""A plain container for the block-scaled comparison formats (MXFP4, MXFP8, FP8)."""
+"""Containers: block-scaled comparison formats (MXFP4, MXFP8, FP8), and a GEMM operand kept as values."""
 
 from __future__ import annotations
 
@@ -50,3 +50,22 @@ class BlockQuantized:
                 s = s.repeat_interleave(tm, dim=0)
             out = v * s[: v.shape[0], : v.shape[1]]
         return out[:, : self.shape[-1]].to(dtype).reshape(self.shape)
+
+
+@dataclass
+class GemmOperand:
+    """A GEMM operand kept as values in the compute dtype and a per-tensor factor (None: 1), for
+    formats whose codes are not kept between forward and backward. Same interface as NVFP4Tensor."""
+
+    values: torch.Tensor | None
+    factor: torch.Tensor | None
+
+    def operand(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.values, self.factor
+
+    def prepare_for_saving(self) -> tuple[list, GemmOperand]:
+        return [self.values, self.factor], GemmOperand(None, None)
+
+    def restore_from_saved(self, tensors: list) -> list:
+        self.values, self.factor = tensors[:2]
+        return tensors[2:]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import fp8, mx, nvfp4
 from .hadamard import hadamard_transform
+from .quantized import GemmOperand
 
 RHT_SIZES = (16, 32, 64, 128)  # the sizes the paper studied (App. E.4.1); TE implements 16
 
@@ -34,8 +35,10 @@ class Format:
     stochastic: stochastic rounding available.
     rht_sizes: Hadamard sizes this format's Wgrad operands can take (empty: no RHT).
     per_tensor_amax: an ``amax`` override means something.
-    packed: quantized operands can be kept packed (4.5 bits an element) between forward and
-        backward, through :meth:`pack` / :meth:`operand_from_packed`.
+    keeps_codes: :meth:`pack` keeps the quantized tensor itself (codes and scales, 4.5 bits an
+        element for NVFP4) between forward and backward, rather than its values.
+    own_rht: the quantizer applies the RHT itself (so its per-tensor amax is taken after it).
+    _operand: the format's fused quantize-to-GEMM-operand path, if it has one.
     quantizes: False only for ``"bf16"`` (high precision).
     """
 
@@ -47,7 +50,9 @@ class Format:
     per_tensor_amax: bool
     _quantize: Callable | None
     _fake: Callable | None
-    packed: bool = False
+    keeps_codes: bool = False
+    own_rht: bool = False
+    _operand: Callable | None = None
     quantizes: bool = True
 
     def _kwargs(self, tile, stochastic, generator, amax, fn):
@@ -91,7 +96,7 @@ class Format:
         kw = self._kwargs(tile, stochastic, generator, amax, what)
         if rht:
             self.check_rht(rht_size, f"{self.name}.{what}")
-            if self.per_tensor_amax and self.packed:  # NVFP4 takes its amax after its own transform
+            if self.own_rht:
                 return fn(x, rht=True, rht_size=rht_size, **kw)
             return fn(_rht(x, rht_size, self.act_tile[1] if self.act_tile else 1), **kw)
         return fn(x, **kw)
@@ -105,25 +110,19 @@ class Format:
         if not self.quantizes:
             return x2.to(dtype), None
         gen = generator if spec.stochastic else None
-        if self.packed:
-            return nvfp4.nvfp4_gemm_operand(x2, tile=spec.tile, rht=spec.rht, stochastic=spec.stochastic,
-                                            generator=gen, rht_size=spec.rht_size, dtype=dtype)
+        if self._operand is not None:
+            return self._operand(x2, tile=spec.tile, rht=spec.rht, stochastic=spec.stochastic,
+                                 generator=gen, rht_size=spec.rht_size, dtype=dtype)
         vals = self.fake_quantize(x2, tile=spec.tile, rht=spec.rht, rht_size=spec.rht_size,
                                   stochastic=spec.stochastic, generator=gen)
         return vals.to(dtype), None
 
     def pack(self, x2: torch.Tensor, spec, dtype: torch.dtype, generator=None):
-        """What to keep for a later GEMM: packed codes where the format has them, else values."""
-        if self.packed and not spec.stochastic:
-            return nvfp4.quantize_nvfp4(x2, tile=spec.tile, rht=spec.rht, rht_size=spec.rht_size)
-        return self.gemm_operand(x2, spec, dtype, generator)
-
-    @staticmethod
-    def operand_from_packed(kept, dtype: torch.dtype):
-        """``(values, factor)`` of what :meth:`pack` returned."""
-        if isinstance(kept, nvfp4.NVFP4Tensor):
-            return nvfp4.nvfp4_operand_from_packed(kept, dtype)
-        return kept
+        """What to keep for a later GEMM: the quantized tensor where the format keeps codes, else its
+        values. Either has ``operand(dtype)``, ``prepare_for_saving()`` and ``restore_from_saved()``."""
+        if self.keeps_codes and not spec.stochastic:
+            return self.quantize(x2, tile=spec.tile, rht=spec.rht, rht_size=spec.rht_size)
+        return GemmOperand(*self.gemm_operand(x2, spec, dtype, generator))
 
 
 def _rht(x: torch.Tensor, size: int, block: int) -> torch.Tensor:
@@ -134,7 +133,8 @@ def _rht(x: torch.Tensor, size: int, block: int) -> torch.Tensor:
 
 FORMATS: dict[str, Format] = {
     "nvfp4": Format("nvfp4", (1, 16), (16, 16), True, RHT_SIZES, True,
-                    nvfp4.quantize_nvfp4, nvfp4.fake_quantize_nvfp4, packed=True),
+                    nvfp4.quantize_nvfp4, nvfp4.fake_quantize_nvfp4, keeps_codes=True, own_rht=True,
+                    _operand=nvfp4.nvfp4_gemm_operand),
     "mxfp4": Format("mxfp4", (1, 32), (32, 32), True, RHT_SIZES, False, mx.quantize_mxfp4, mx.fake_quantize_mxfp4),
     "mxfp8": Format("mxfp8", (1, 32), None, False, (), False, mx.quantize_mxfp8, mx.fake_quantize_mxfp8),
     "fp8_block": Format("fp8_block", (1, 128), (128, 128), False, (), False,

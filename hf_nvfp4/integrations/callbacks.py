@@ -90,7 +90,7 @@ def weight_health(model) -> dict[str, float]:
             if not isinstance(m, NVFP4Linear) or m.precision != "nvfp4" or m.weight.is_meta:
                 continue
             w = m.weight.detach().float()
-            tile = (1, 16) if m.nvfp4_state.config.disable_2d_quantization else (16, 16)
+            tile = (1, 16) if m.nvfp4_state.recipe.disable_2d_quantization else (16, 16)
             q = quantize_nvfp4(w, tile=tile)
             nz = w != 0
             under.append(float(((q.dequantize() == 0) & nz).sum() / nz.sum().clamp(min=1)))

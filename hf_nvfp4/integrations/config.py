@@ -1,78 +1,59 @@
 """NVFP4Config: the HF quantization config of the recipe (``quant_method="hf_nvfp4"``).
 
-The core (formats/ops/nn) knows nothing of transformers: it computes with the frozen
-:class:`~hf_nvfp4.config.NVFP4Recipe`, which this config converts to (``to_recipe()``).
-The copy a converted model carries in ``config.quantization_config`` is frozen too.
+A thin transformers wrapper: it holds one frozen :class:`~hf_nvfp4.config.NVFP4Recipe` and adds
+``quant_method``. Its fields are the recipe's (``dataclasses.fields(NVFP4Recipe)``), read and
+written through to the recipe, so every value is validated when it is set. The copy a converted
+model carries in ``config.quantization_config`` is frozen.
 """
 
 from __future__ import annotations
 
-import copy
+import inspect
 import json
-from dataclasses import dataclass, field, fields
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..config import (
-    BACKENDS,
-    PAPER_RHT_GEMMS,
-    PAPER_STOCHASTIC_ROLES,
-    NVFP4Recipe,
-    check_format,
-    validate_fields,
-)
-from ..formats.registry import PRECISIONS
+from ..config import FIELDS, NVFP4Recipe, check_fields, check_format
+
+_READ_THROUGH = frozenset((*FIELDS, "resolved_bf16_blocks"))
 
 QUANT_METHOD = "hf_nvfp4"  # transformers already owns "nvfp4" (an inference-only path)
-__all__ = ["BACKENDS", "PRECISIONS", "QUANT_METHOD", "NVFP4Config"]
+__all__ = ["QUANT_METHOD", "NVFP4Config"]
 
 
-@dataclass
 class NVFP4Config(QuantizationConfigMixin):
-    """The paper's NVFP4 training recipe, and the HF quantization config ``quant_method="hf_nvfp4"``.
+    """The paper's NVFP4 training recipe as the HF quantization config ``quant_method="hf_nvfp4"``.
 
-    Every field has the paper's default.
-
-    disable_rht / disable_stochastic_rounding / disable_2d_quantization: TE's flags; each
-        turns off exactly its part of the recipe (RHT on Wgrad inputs, stochastic rounding
-        of gradients, 16x16 weight tiles).
-    rht_size: Hadamard size for the Wgrad operands (16; the paper found 16 as good as 128).
-    bf16_first_blocks / bf16_last_blocks: whole transformer blocks kept in BF16. None for
-        bf16_last_blocks means the paper's advice: about 15% of the blocks, at the end, at
-        least one.
-    modules_to_not_convert: module names or glob patterns left in high precision
-        (embeddings and the LM head never convert).
-    backend: "auto" (Transformer Engine where it can train NVFP4, else emulated),
-        "emulated" or "te".
-    format: "nvfp4", or a comparison format run through the same machinery
-        ("mxfp4", "fp8_block", "fp8_tensor", "mxfp8", "bf16").
-    seed: seed of the stochastic-rounding stream.
-    rht_gemms / stochastic_roles: where RHT and stochastic rounding go. The defaults are the
-        paper's (RHT on the Wgrad GEMM, SR on the two gradient operands); anything else is a
-        negative control for ablations (emulated backend only).
+    Takes the fields of :class:`hf_nvfp4.NVFP4Recipe` (documented there), each with the paper's
+    default; reading one gives the recipe's value (lists come back as tuples), setting one
+    replaces the held recipe with a validated copy. ``to_recipe()`` gives the recipe.
 
     >>> from hf_nvfp4 import NVFP4Config
     >>> cfg = NVFP4Config(bf16_last_blocks=2)
-    >>> NVFP4Config.from_dict(cfg.to_dict()) == cfg
-    True
+    >>> NVFP4Config.from_dict(cfg.to_dict()) == cfg, cfg.bf16_last_blocks
+    (True, 2)
     """
 
-    disable_rht: bool = False
-    disable_stochastic_rounding: bool = False
-    disable_2d_quantization: bool = False
-    rht_size: int = 16
-    bf16_first_blocks: int = 0
-    bf16_last_blocks: int | None = None
-    modules_to_not_convert: list[str] = field(default_factory=list)
-    backend: str = "auto"
-    format: str = "nvfp4"
-    seed: int = 0
-    rht_gemms: list[str] = field(default_factory=lambda: list(PAPER_RHT_GEMMS))
-    stochastic_roles: list[str] = field(default_factory=lambda: list(PAPER_STOCHASTIC_ROLES))
-    quant_method: str = QUANT_METHOD
+    def __init__(self, quant_method: str = QUANT_METHOD, **fields):
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"NVFP4Config.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        check_fields(fields, "NVFP4Config")
+        recipe = NVFP4Recipe(**fields)
+        check_format(recipe, recipe.format, "NVFP4Config")
+        object.__setattr__(self, "quant_method", QUANT_METHOD)
+        object.__setattr__(self, "_recipe", recipe)
+        object.__setattr__(self, "_frozen", False)
 
-    def __post_init__(self) -> None:
-        self.validate()
+    __init__.__signature__ = inspect.Signature(  # help() and IDEs show the recipe's fields
+        [inspect.Parameter("quant_method", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=QUANT_METHOD)]
+        + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+           for f in NVFP4Recipe.__dataclass_fields__.values()]
+    )
+
+    def __getattr__(self, name):  # only called for names not found the usual way
+        if name in _READ_THROUGH:
+            return getattr(self.__dict__["_recipe"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name, value) -> None:
         if self.__dict__.get("_frozen", False):
@@ -80,59 +61,40 @@ class NVFP4Config(QuantizationConfigMixin):
                 f"NVFP4Config.{name}: this config belongs to a converted model and is frozen; change the "
                 "recipe with hf_nvfp4.set_recipe(model, " + f"{name}=...)"
             )
-        super().__setattr__(name, value)
+        if name not in FIELDS:
+            raise AttributeError(f"NVFP4Config has no field {name!r}; valid fields are {sorted(FIELDS)}")
+        recipe = self._recipe.replace(**{name: value})
+        check_format(recipe, recipe.format, "NVFP4Config")
+        object.__setattr__(self, "_recipe", recipe)
 
-    def validate(self) -> None:
-        if self.quant_method != QUANT_METHOD:
-            raise ValueError(f"NVFP4Config.quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}")
-        mods = self.modules_to_not_convert
-        mods = [mods] if isinstance(mods, str) else [] if mods is None else mods
-        object.__setattr__(self, "modules_to_not_convert", mods)  # normalising only: allowed when frozen
-        if not isinstance(self.modules_to_not_convert, (list, tuple)) or not all(
-            isinstance(m, str) for m in self.modules_to_not_convert
-        ):
-            raise ValueError(
-                f"NVFP4Config.modules_to_not_convert must be a list of names, prefixes or glob patterns, "
-                f"got {self.modules_to_not_convert!r}"
-            )
-        object.__setattr__(self, "modules_to_not_convert", list(self.modules_to_not_convert))
-        for name in ("rht_gemms", "stochastic_roles"):
-            v = getattr(self, name)
-            object.__setattr__(self, name, [v] if isinstance(v, str) else list(v) if isinstance(v, tuple) else v)
-        validate_fields(self, "NVFP4Config")
-        check_format(self, self.format, "NVFP4Config")
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NVFP4Config) and other._recipe == self._recipe
+
+    __hash__ = None
 
     def to_recipe(self) -> NVFP4Recipe:
-        """The frozen recipe the layers compute with (validated again: the fields may have changed)."""
-        self.validate()
-        d = {k: v for k, v in self.to_dict().items() if k != "quant_method"}
-        return NVFP4Recipe(**d)
+        """The frozen recipe the layers compute with."""
+        return self._recipe
 
     @classmethod
     def from_recipe(cls, recipe: NVFP4Recipe, *, frozen: bool = False) -> NVFP4Config:
         """The HF config of ``recipe``; ``frozen=True`` for the copy a converted model carries."""
         cfg = cls(**recipe.to_dict())
-        if frozen:
-            object.__setattr__(cfg, "_frozen", True)
+        object.__setattr__(cfg, "_frozen", frozen)
         return cfg
 
-    def resolved_bf16_blocks(self, n_blocks: int) -> tuple[int, int]:
-        """(first, last) block counts kept in BF16 for a model with ``n_blocks`` blocks."""
-        return self.to_recipe().resolved_bf16_blocks(n_blocks)
-
     def to_dict(self) -> dict:
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        return {**self._recipe.to_dict(), "quant_method": QUANT_METHOD}
 
     def to_diff_dict(self) -> dict:
         return self.to_dict()
 
+    def __iter__(self):
+        yield from self.to_dict().items()
+
     @classmethod
     def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
         """Strict: an unknown key (a typo in a recipe or config.json) is an error naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config_dict) - known)
-        if unknown:
-            raise ValueError(f"NVFP4Config: unknown field(s) {unknown}; valid fields are {sorted(known)}")
         config = cls(**config_dict)
         return (config, kwargs) if return_unused_kwargs else config
 

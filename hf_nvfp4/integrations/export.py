@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import quantizer_for
 from ..formats.e2m1 import unpack_nibbles
 from ..formats.nvfp4 import quantize_nvfp4
 from ..nn.convert import plan_conversion
 from ..nn.linear import NVFP4Linear
+from ..ops.roles import quantizer_for
 from .serving_formats import FORMATS, SCHEMES, layer_tensors, quant_config, write_safetensors
 
 # Siblings a serving engine runs as one GEMM (vLLM's packed_modules_mapping: qkv_proj and

@@ -18,10 +18,9 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from ..config import NVFP4Recipe
+from ..config import FP8_ALLOCATIONS, NVFP4Recipe, fp8_baseline
 from ..formats.registry import PRECISIONS
 from ..nn.convert import convert_model, find_blocks, unconvert_model
-from ..ops.baselines import FP8_ALLOCATIONS, fp8_baseline_recipe
 
 logger = logging.getLogger("hf_nvfp4")
 STATE_KEYS = ("model", "optimizer", "scheduler", "ema", "pending", "sr")
@@ -65,7 +64,7 @@ class ShadowRun:
         self.format, self.smoothing, self.owner = format, smoothing, owner
         if allocation not in FP8_ALLOCATIONS:
             raise ValueError(f"{owner}: allocation must be one of {FP8_ALLOCATIONS}, got {allocation!r}")
-        # BF16 blocks: the paper's FP8 share (1 + 2 of 62) or the NVFP4 model's own (issue 16);
+        # BF16 blocks: the paper's FP8 share (1 + 2 of 62) or the NVFP4 model's own;
         # explicit counts override either
         self.first, self.last, self.allocation = bf16_first_blocks, bf16_last_blocks, allocation
         self.tag = shadow_tag(format)
@@ -93,11 +92,11 @@ class ShadowRun:
         unconvert_model(shadow)
         if self.format != "bf16":
             like = getattr(model, "nvfp4_state", None)
-            alloc = fp8_baseline_recipe(len(find_blocks(shadow)[1]), self.allocation,
-                                        like=like.recipe if like is not None else None)
+            alloc = fp8_baseline(len(find_blocks(shadow)[1]), self.allocation,
+                                 like=like.recipe if like is not None else None)
             first = alloc.bf16_first_blocks if self.first is None else self.first
             last = alloc.bf16_last_blocks if self.last is None else self.last
-            # issue 12: TE's native FP8/MXFP8 recipe where the GPU supports it (Hopper too), else emulated
+            # TE's native FP8/MXFP8 recipe where the GPU supports it (Hopper too), else emulated
             recipe = NVFP4Recipe.for_format(self.format, bf16_first_blocks=first,
                                             bf16_last_blocks=last, backend="auto")
             try:

@@ -10,9 +10,15 @@ import it stops with "Unknown quantization type, got hf_nvfp4".
 
 from __future__ import annotations
 
-from transformers import AutoModelForCausalLM
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+# From the submodules, not the packages: register() may run while transformers.modeling_utils is
+# still being imported (see hf_nvfp4/__init__.py), when the packages' names are not bound yet.
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
 
 from ..nn import convert as _convert
 from ..nn.convert import convert_model, unconvert_model
@@ -74,7 +80,7 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not NVFP4HfQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(NVFP4HfQuantizer)
-    from .experts import register_experts  # MoE (issue 17): the "hf_nvfp4" experts implementation
+    from .experts import register_experts  # MoE: the "hf_nvfp4" experts implementation
 
     register_experts()
 
@@ -127,6 +133,8 @@ def from_config(config, nvfp4_config: NVFP4Config | None = None, **kwargs):
         raise TypeError(f"from_config: nvfp4_config must be an NVFP4Config, got {type(nvfp4_config).__name__}")
     if "quantization_config" in kwargs:
         raise TypeError("from_config: pass the recipe as nvfp4_config, not quantization_config")
+    from transformers import AutoModelForCausalLM
+
     recipe = nvfp4_config.to_recipe()  # bad options fail before the model is built
     model = AutoModelForCausalLM.from_config(config, **kwargs)
     return convert_model(model, recipe)

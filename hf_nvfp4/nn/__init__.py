@@ -9,16 +9,15 @@ from .convert import (
     set_recipe,
     unconvert_model,
 )
-from .linear import NVFP4Linear, NVFP4State, RecipeState
+from .linear import NVFP4Linear, NVFP4State
 
-# MoE experts and the coverage report (issue 17) hook into every conversion when imported.
+# MoE experts and the coverage report hook into every conversion when imported.
 from . import experts as _experts  # noqa: E402, F401  (isort: skip)
 from . import coverage as _coverage  # noqa: E402, F401  (isort: skip)
 
 __all__ = [
     "NVFP4Linear",
     "NVFP4State",
-    "RecipeState",
     "convert_model",
     "find_blocks",
     "module_matches",

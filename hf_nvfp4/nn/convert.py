@@ -21,8 +21,8 @@ LM_HEAD_NAMES = ("lm_head", "embed_out", "output_layer", "score")
 ON_CONVERT: list[Callable[[nn.Module, NVFP4State], None]] = []
 ON_UNCONVERT: list[Callable[[nn.Module], None]] = []
 # Extra plan entries for modules that are not nn.Linear, called as (model, recipe, ids of the modules
-# inside BF16 blocks) -> {name: "convert" or the reason}: MoE experts register here (issue 17,
-# nn/experts.py, which then converts them in an ON_CONVERT hook).
+# inside BF16 blocks) -> {name: "convert" or the reason}: MoE experts register here
+# (nn/experts.py, which then converts them in an ON_CONVERT hook).
 ON_PLAN: list[Callable[[nn.Module, NVFP4Recipe, set[int]], dict[str, str]]] = []
 
 
@@ -85,7 +85,10 @@ def _check_patterns(model: nn.Module, patterns: tuple[str, ...]) -> None:
 
 def plan_conversion(model: nn.Module, config=None) -> dict[str, str]:
     """Decide, for every nn.Linear, ``"convert"`` or the reason it stays high precision."""
-    recipe = as_recipe(config)
+    return _plan(model, as_recipe(config))
+
+
+def _plan(model: nn.Module, recipe: NVFP4Recipe) -> dict[str, str]:
     _check_patterns(model, recipe.modules_to_not_convert)
     _, blocks = find_blocks(model)
     first, last = recipe.resolved_bf16_blocks(len(blocks))
@@ -109,7 +112,7 @@ def plan_conversion(model: nn.Module, config=None) -> dict[str, str]:
             plan[name] = f"shape {mod.out_features}x{mod.in_features} not divisible by 16"
         else:
             plan[name] = "convert"
-    for extend in ON_PLAN:  # MoE experts and Linear routers (issue 17)
+    for extend in ON_PLAN:  # MoE experts and Linear routers
         plan.update(extend(model, recipe, in_bf16_block))
     return plan
 
@@ -140,7 +143,7 @@ def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> 
     check_format(recipe, recipe.format, "convert_model")
     if getattr(model, "nvfp4_state", None) is not None or any(isinstance(m, NVFP4Linear) for m in model.modules()):
         unconvert_model(model)  # re-plan the whole model: one recipe for every layer
-    plan = plan_conversion(model, recipe)
+    plan = _plan(model, recipe)
     n_convert = sum(d == "convert" for d in plan.values())
     if n_convert == 0:
         reasons = sorted({d for d in plan.values()})
@@ -190,7 +193,7 @@ def unconvert_model(model: nn.Module) -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, NVFP4Linear):
             detach_states(mod)
-            detach_te(mod)  # issue 12: every _te_* attribute
+            detach_te(mod)  # every _te_* attribute
             for attr in ("nvfp4_state", "backend"):
                 mod.__dict__.pop(attr, None)
             mod.__class__ = nn.Linear

@@ -28,8 +28,10 @@ class NVFP4State:
     order from one generator per device, so no two layers share noise.
     """
 
-    def __init__(self, recipe: NVFP4Recipe | None = None, rank: int = 0, salt: int = 0):
-        self._recipe = as_recipe(recipe)
+    def __init__(self, recipe: NVFP4Recipe, rank: int = 0, salt: int = 0):
+        if not isinstance(recipe, NVFP4Recipe):  # normalised where it entered (convert_model, NVFP4Linear)
+            raise TypeError(f"NVFP4State takes an NVFP4Recipe, got {type(recipe).__name__}")
+        self._recipe = recipe
         self.rank, self.salt = rank, salt
         self.precision = self._recipe.format  # the switch state, shared by every layer
         self.forward_precision: str | None = None
@@ -48,15 +50,6 @@ class NVFP4State:
     @property
     def recipe(self) -> NVFP4Recipe:
         return self._recipe
-
-    @property
-    def config(self) -> NVFP4Recipe:
-        """The frozen recipe (older name)."""
-        return self._recipe
-
-    def set_recipe(self, recipe: NVFP4Recipe) -> None:
-        check_format(recipe, recipe.format, "set_recipe")
-        self._recipe = recipe
 
     # -- stochastic rounding ----------------------------------------------------------------------
     def _mix(self, draw: int) -> int:
@@ -127,9 +120,6 @@ class NVFP4State:
         self.set_precision(state["precision"], state["forward_precision"])
         self._base = int(state["base"])
         self._generators.clear()
-
-
-RecipeState = NVFP4State  # older name
 
 
 def detach_states(module: nn.Module) -> None:
@@ -216,7 +206,7 @@ class NVFP4Linear(nn.Linear):
                                     st.generator(device), st.operand_cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "te":  # issue 12: the TE adapter takes the call, or None sends it to the emulation
+        if self.backend == "te":  # the TE adapter takes the call, or None sends it to the emulation
             from .te_backend import te_forward
 
             y = te_forward(self, x)

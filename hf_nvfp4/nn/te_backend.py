@@ -78,7 +78,7 @@ def te_unsupported_reason(config) -> str | None:
     sr = sorted(getattr(config, "stochastic_roles", PAPER_STOCHASTIC_ROLES))
     moved = (not config.disable_rht and rht != PAPER_RHT_GEMMS) or (
         not config.disable_stochastic_rounding and sr != sorted(PAPER_STOCHASTIC_ROLES))
-    if moved:  # issue 16's negative controls: TE has no such placement
+    if moved:  # the negative controls: TE has no such placement
         return "RHT/stochastic rounding moved off the paper's operands (a negative control) needs the emulated backend"
     return None
 
@@ -205,7 +205,7 @@ def detach_te(layer) -> None:
 
 def _config(layer):
     state = layer.nvfp4_state
-    return getattr(state, "recipe", None) or state.config  # frozen recipe (issue 10) or the config
+    return state.recipe
 
 
 def _bound_module(layer, te):

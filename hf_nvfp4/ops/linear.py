@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import NVFP4Recipe, QuantizerSpec, role_table
-from ..formats.nvfp4 import NVFP4Tensor
+from ..config import NVFP4Recipe
 from ..formats.registry import get_format
 from .cache import OperandCache
+from .roles import QuantizerSpec, role_table
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,7 +62,7 @@ def _operand(x2: torch.Tensor, spec: QuantizerSpec, dtype, generator=None):
 
 def _mm(a: torch.Tensor, b: torch.Tensor, ga, gb, out_dtype) -> torch.Tensor:
     if a.dtype == torch.float16 and (ga is not None or gb is not None):
-        # fp16 (issue 11): the operands are exact in fp16 but reach 6 * 448 = 2688 before their
+        # fp16: the operands are exact in fp16 but reach 6 * 448 = 2688 before their
         # per-tensor factors, so one product is ~7e6, past fp16's 65504. GEMM and rescale in
         # fp32 (exact widening; outside autocast, which would cast back), round to the output once.
         alpha = (ga if ga is not None else 1.0) * (gb if gb is not None else 1.0)
@@ -136,7 +136,7 @@ class _QuantizedLinear(torch.autograd.Function):
         qw = None
         if shared:  # quantized once per step, for Fprop and Dgrad
             qw = get_format(wspec.format).pack(weight, wspec, dtype, gen)
-            wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
+            wv, gw = qw.operand(dtype)
         else:
             wv, gw = _operand(weight, wspec, dtype, gen)
         y = _mm(xv, wv.t(), gx, gw, dtype)
@@ -146,38 +146,23 @@ class _QuantizedLinear(torch.autograd.Function):
         xt = _wgrad_input(x, x2, plan, dtype) if ctx.needs_input_grad[1] else None
         ctx.plan, ctx.dtype, ctx.shared = plan, dtype, shared
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
-        ctx.xt_packed = isinstance(xt, NVFP4Tensor)
-        ctx.qw_packed = isinstance(qw, NVFP4Tensor)
-        saved = [weight]
-        for t in (xt, qw):
-            if isinstance(t, NVFP4Tensor):
-                saved += [t.data, t.scale, t.amax]
-            elif isinstance(t, tuple):  # (values, factor) of a format without packing
-                saved += [t[0], t[1]]
-            else:
-                saved += [t, None]
+        saved, ctx.kept = [weight], []
+        for t in (xt, qw):  # quantized tensors hand over their tensors for saving (TE's interface)
+            tensors, t = t.prepare_for_saving() if t is not None else ([], None)
+            saved += tensors
+            ctx.kept.append(t)
         ctx.save_for_backward(*saved)
-        ctx.packed_meta = (
-            (xt.shape, xt.tile, xt.rht) if ctx.xt_packed else None,
-            (qw.shape, qw.tile, qw.rht) if ctx.qw_packed else None,
-        )
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         plan, dtype = ctx.plan, ctx.dtype
         roles = plan.roles
-        saved = list(ctx.saved_tensors)
-        weight = saved.pop(0)
-
-        def kept(packed, meta):
-            a, b = saved.pop(0), saved.pop(0)
-            if packed:
-                return NVFP4Tensor(a, b, saved.pop(0), *meta)
-            return None if a is None else (a, b)
-
-        xt = kept(ctx.xt_packed, ctx.packed_meta[0])
-        qw = kept(ctx.qw_packed, ctx.packed_meta[1])
+        weight, *saved = ctx.saved_tensors
+        xt, qw = ctx.kept
+        for t in (xt, qw):
+            if t is not None:
+                saved = t.restore_from_saved(saved)
         n = weight.shape[0]
         dy2 = dy.reshape(-1, n)
         dx = dw = db = None
@@ -185,7 +170,7 @@ class _QuantizedLinear(torch.autograd.Function):
             dyv, gdy = _operand(dy2, roles["dgrad_grad_output"], dtype, plan.generator)
             wspec = roles["dgrad_weight"]
             if ctx.shared:
-                wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
+                wv, gw = qw.operand(dtype)
                 dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
             elif _square(wspec.tile):  # 2D tiles, but Fprop ran in another format
                 wv, gw = _operand(weight, wspec, dtype, plan.generator)
@@ -196,7 +181,7 @@ class _QuantizedLinear(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             dytv, gdyt = _operand(dy2.t(), roles["wgrad_grad_output"], dtype, plan.generator)
-            xtv, gxt = get_format(roles["wgrad_input"].format).operand_from_packed(xt, dtype)
+            xtv, gxt = xt.operand(dtype)
             dw = _mm(dytv, xtv.t(), gdyt, gxt, weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(weight.dtype)

@@ -19,11 +19,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import GEMMS, PAPER_STOCHASTIC_ROLES
+from ..config import GEMMS, PAPER_STOCHASTIC_ROLES, fp8_baseline, mxfp4_paper
 from ..generated import write_generated
 from ..integrations.config import NVFP4Config
-from ..ops.baselines import fp8_baseline_recipe, mxfp4_paper_recipe
-from ..recipe import PrecisionSwitchSection, Recipe, load_recipe
+from ..recipe import PrecisionSwitchSection, RunSpec, load_recipe
 from .ablate_plots import plot
 from .stats import format_interval, paired_summary
 
@@ -49,7 +48,7 @@ SWITCH_SCOPES = {"switch_all": "all", "switch_fwd": "forward", "switch_bwd": "ba
 REFERENCES = ("nvfp4", "fp8", "bf16")
 
 
-def model_blocks(base: Recipe) -> int:
+def model_blocks(base: RunSpec) -> int:
     """The number of transformer blocks of the recipe's model (for the FP8 baseline's share)."""
     cfg = base.model.config
     if cfg is None:
@@ -63,7 +62,7 @@ def model_blocks(base: Recipe) -> int:
     raise ValueError("ablate: cannot tell the model's number of blocks (no num_hidden_layers in its config)")
 
 
-def variant_nvfp4(base: Recipe, variant: str) -> NVFP4Config | None:
+def variant_nvfp4(base: RunSpec, variant: str) -> NVFP4Config | None:
     """The NVFP4Config (any format) of ``variant``, or None for BF16."""
     cfg = base.nvfp4 or NVFP4Config()
     rec = cfg.to_recipe()
@@ -71,9 +70,9 @@ def variant_nvfp4(base: Recipe, variant: str) -> NVFP4Config | None:
         return None
     if variant in ("fp8", "fp8_nvfp4_alloc"):
         alloc = "paper" if variant == "fp8" else "nvfp4"
-        out = NVFP4Config.from_recipe(fp8_baseline_recipe(model_blocks(base), alloc, like=rec))
+        out = NVFP4Config.from_recipe(fp8_baseline(model_blocks(base), alloc, like=rec))
     elif variant == "mxfp4":
-        out = NVFP4Config.from_recipe(mxfp4_paper_recipe(rec))
+        out = NVFP4Config.from_recipe(mxfp4_paper(rec))
     else:
         changes = {
             "nvfp4": {},
@@ -114,7 +113,7 @@ def _protect(out: Path, resume: bool, overwrite: bool) -> None:
     )
 
 
-def variant_recipe(base: Recipe, variant: str, seed: int, runs_dir: Path) -> Recipe:
+def variant_recipe(base: RunSpec, variant: str, seed: int, runs_dir: Path) -> RunSpec:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
     nv = variant_nvfp4(base, variant)
@@ -138,7 +137,7 @@ def variant_recipe(base: Recipe, variant: str, seed: int, runs_dir: Path) -> Rec
 FINGERPRINT_SECTIONS = ("model", "tokenizer", "data", "training", "nvfp4", "precision_switch")
 
 
-def fingerprint(recipe: Recipe) -> str:
+def fingerprint(recipe: RunSpec) -> str:
     """What a run's result depends on: the model, data, training, numerics and switch sections
     (not its name, output directory, logging or evaluation)."""
     d = recipe.to_dict()
@@ -146,14 +145,14 @@ def fingerprint(recipe: Recipe) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def bf16_blocks(recipe: Recipe, n_blocks: int) -> str:
+def bf16_blocks(recipe: RunSpec, n_blocks: int) -> str:
     if recipe.nvfp4 is None:
         return f"{n_blocks} of {n_blocks}"
     first, last = recipe.nvfp4.resolved_bf16_blocks(n_blocks)
     return f"{first}+{last} of {n_blocks}"
 
 
-def run_one(recipe: Recipe) -> dict:
+def run_one(recipe: RunSpec) -> dict:
     from ..train import run_recipe
 
     s = run_recipe(recipe, evaluate_at_end=True, evaluate_bf16_at_end=True, quiet=True)

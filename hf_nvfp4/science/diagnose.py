@@ -40,13 +40,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES, NVFP4Recipe, as_recipe, role_table
+from ..config import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES, NVFP4Recipe, as_recipe
 from ..formats.hadamard import hadamard_transform
 from ..formats.nvfp4 import TENSOR_SCALE, NVFP4Tensor
 from ..formats.registry import get_format
 from ..integrations._trainer import TrainerBound, unwrap
 from ..nn.convert import LM_HEAD_NAMES, find_blocks
 from ..nn.linear import NVFP4Linear
+from ..ops.roles import role_table
 from .stats import paired_summary, t_quantile
 
 GEMMS = ("fprop", "dgrad", "wgrad")

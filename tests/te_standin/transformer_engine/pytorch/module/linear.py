@@ -20,9 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import transformer_engine
-from hf_nvfp4.config import ROLES, QuantizerSpec
+from hf_nvfp4.config import ROLES
 from hf_nvfp4.formats.fp8 import default_pow2_scales
 from hf_nvfp4.ops.linear import GemmPlan, quantized_linear
+from hf_nvfp4.ops.roles import QuantizerSpec
 
 from ...common.recipe import (
     CustomRecipe,
