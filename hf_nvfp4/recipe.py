@@ -290,8 +290,6 @@ def _check(r: RunSpec) -> None:
         raise RecipeError("recipe.training.decay_fraction must be within [0, 1]")
     if r.data.seq_len < 16:
         raise RecipeError("recipe.data.seq_len must be >= 16")
-    if r.precision_switch.scope not in ("all", "forward", "backward"):
-        raise RecipeError("recipe.precision_switch.scope must be 'all', 'forward' or 'backward'")
     if r.fp8_shadow.mode not in ("lockstep", "reference"):
         raise RecipeError("recipe.fp8_shadow.mode must be 'lockstep' or 'reference'")
     if r.model.dtype not in DTYPES:

@@ -261,17 +261,10 @@ def _run(recipe: RunSpec, extra_callbacks, evaluate_at_end: bool, quiet: bool, r
 
 def evaluate_in_bf16(trainer, model) -> float:
     """Held-out loss with every converted layer computing in BF16; the switch state is restored."""
-    from .nn.convert import set_precision
+    from .nn.convert import temporary_precision
 
-    st = getattr(model, "nvfp4_state", None)
-    if st is None:  # nothing converted: the model already computes in high precision
+    with temporary_precision(model, "bf16"):  # nothing converted: nothing to switch
         return trainer.evaluate(metric_key_prefix="eval_bf16")["eval_bf16_loss"]
-    saved = (st.precision, st.forward_precision)
-    set_precision(model, "bf16")
-    try:
-        return trainer.evaluate(metric_key_prefix="eval_bf16")["eval_bf16_loss"]
-    finally:
-        st.set_precision(*saved)
 
 
 def format_summary(s: dict) -> str:

@@ -362,3 +362,20 @@ def test_bad_input_gets_clear_errors(trained, tmp_path):
     with pytest.raises(NotImplementedError, match="experts.gate_up_proj"):
         export_nvfp4(moe, tmp_path / "a")
     assert not (tmp_path / "a").exists()  # nothing written by any refused export
+
+
+def test_write_safetensors_shards_with_an_index(tmp_path, monkeypatch):
+    """Sharding and its index come from huggingface_hub, in transformers' layout."""
+    from safetensors.torch import load_file
+
+    from hf_nvfp4.integrations import serving_formats
+
+    tensors = {f"w{i}": torch.full((64,), float(i)) for i in range(5)}
+    monkeypatch.setattr(serving_formats, "SHARD_BYTES", 600)
+    written = serving_formats.write_safetensors(tensors, tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"]) == set(tensors)
+    assert written == sum(p.stat().st_size for p in shards)
+    loaded = {k: v for p in shards for k, v in load_file(p).items()}
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)

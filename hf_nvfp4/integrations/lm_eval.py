@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..nn.linear import NVFP4Linear
+from ..formats.registry import PRECISIONS
+from ..nn.convert import temporary_precision
 from ._trainer import TrainerBound
 from .tokens import encode_pair, encode_prompt, encode_text
 
@@ -118,16 +119,6 @@ def _exact_hflm():
 _EXACT = None
 
 
-def _set_precision(model, precision):
-    saved = [(m, m.precision, m.forward_precision) for m in model.modules() if isinstance(m, NVFP4Linear)]
-    if precision is not None:
-        if precision not in ("nvfp4", "bf16") and not saved:
-            raise ValueError(f"precision must be 'nvfp4', 'bf16' or None, got {precision!r}")
-        for m, _, _ in saved:
-            m.forward_precision = precision
-    return saved
-
-
 def headline_metrics(results: dict) -> dict[str, float]:
     """``{"lm_eval/<task>/<metric>": value}`` for every numeric metric of every task."""
     out = {}
@@ -157,9 +148,9 @@ def evaluate_lm(
     with no special token between or after them; BOS leads the context only where the
     tokenizer's default call puts one (see :mod:`hf_nvfp4.integrations.tokens`).
 
-    precision: evaluate the same weights with NVFP4 forward numerics (``"nvfp4"``) or BF16
-    (``"bf16"``); None keeps each layer's current setting. The model's train/eval mode and
-    precisions are restored afterwards. Under distributed training only the main process
+    precision: evaluate the same weights with the forward (Fprop) numerics of this format
+    (``"bf16"``, ``"nvfp4"``, ``"mxfp4"``, ...; one the model's recipe can run); None keeps each
+    layer's current setting. The model's train/eval mode and precisions are restored afterwards. Under distributed training only the main process
     evaluates (lm-eval forces rank 0 / world size 1); the others return ``{}``.
 
     >>> res = evaluate_lm(model, tokenizer, ["nvfp4_stdlib_mc"], limit=20)   # doctest: +SKIP
@@ -169,30 +160,28 @@ def evaluate_lm(
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("evaluate_lm: give at least one task name")
-    if precision not in (None, "nvfp4", "bf16"):
-        raise ValueError(f"evaluate_lm: precision must be 'nvfp4', 'bf16' or None, got {precision!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"evaluate_lm: precision must be one of {PRECISIONS} or None, got {precision!r}")
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}
     import lm_eval
 
     tm = _task_manager(tasks, include_path)
     was_training = model.training
-    saved = _set_precision(model, precision)
     try:
-        lm = _exact_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        with torch.no_grad():
-            res = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=tasks,
-                num_fewshot=num_fewshot,
-                limit=limit,
-                task_manager=tm,
-                log_samples=False,
-                bootstrap_iters=0,
-            )
+        with temporary_precision(model, precision, scope="forward"):
+            lm = _exact_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            with torch.no_grad():
+                res = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=tasks,
+                    num_fewshot=num_fewshot,
+                    limit=limit,
+                    task_manager=tm,
+                    log_samples=False,
+                    bootstrap_iters=0,
+                )
     finally:
-        for m, p, fp in saved:
-            m.precision, m.forward_precision = p, fp
         model.train(was_training)
     return res
 

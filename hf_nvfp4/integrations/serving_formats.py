@@ -21,7 +21,6 @@ methods, TensorRT-LLM), per Linear:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -115,26 +114,7 @@ def quant_config(fmt: str, scheme: str, ignore: list[str], version: str) -> tupl
 
 def write_safetensors(tensors: dict[str, torch.Tensor], out: Path) -> int:
     """``model.safetensors`` (or shards plus the index, as transformers writes them); returns bytes on disk."""
-    from safetensors.torch import save_file
+    from huggingface_hub import save_torch_state_dict
 
-    shards, cur, size = [], {}, 0
-    for k, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if cur and size + n > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = t.contiguous(), size + n
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return (out / "model.safetensors").stat().st_size
-    total, weight_map = 0, {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        total += (out / fname).stat().st_size
-        weight_map.update(dict.fromkeys(shard, fname))
-    payload = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": payload}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return total
+    save_torch_state_dict(tensors, out, max_shard_size=SHARD_BYTES)
+    return sum(p.stat().st_size for p in out.glob("model*.safetensors"))

@@ -14,11 +14,10 @@ import math
 import re
 
 from ..formats.registry import PRECISIONS
-from ..nn.convert import set_precision
+from ..nn.convert import SCOPES, set_precision
 
 logger = logging.getLogger("hf_nvfp4")
 _UNITS = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
-SCOPES = ("all", "forward", "backward")
 
 
 def parse_tokens(text: str | int | float) -> int:

@@ -1,12 +1,14 @@
 """NVFP4Linear, model conversion, layer selection and precision switching."""
 
 from .convert import (
+    SCOPES,
     convert_model,
     find_blocks,
     module_matches,
     plan_conversion,
     set_precision,
     set_recipe,
+    temporary_precision,
     unconvert_model,
 )
 from .linear import NVFP4Linear, NVFP4State
@@ -16,6 +18,7 @@ from . import experts as _experts  # noqa: E402, F401  (isort: skip)
 from . import coverage as _coverage  # noqa: E402, F401  (isort: skip)
 
 __all__ = [
+    "SCOPES",
     "NVFP4Linear",
     "NVFP4State",
     "convert_model",
@@ -24,5 +27,6 @@ __all__ = [
     "plan_conversion",
     "set_precision",
     "set_recipe",
+    "temporary_precision",
     "unconvert_model",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import logging
@@ -231,6 +232,39 @@ def set_recipe(model: nn.Module, recipe=None, **changes) -> nn.Module:
     return model
 
 
+SCOPES = ("all", "forward", "backward")  # what a precision switch changes: all GEMMs, Fprop, Dgrad+Wgrad
+
+
+def _states(model: nn.Module) -> list[NVFP4State]:
+    states = {id(m.nvfp4_state): m.nvfp4_state for m in model.modules() if isinstance(m, NVFP4Linear)}
+    if getattr(model, "nvfp4_state", None) is not None:  # also switches layers that are not Linear (experts)
+        states[id(model.nvfp4_state)] = model.nvfp4_state
+    return list(states.values())
+
+
+@contextlib.contextmanager
+def temporary_precision(model: nn.Module, precision: str | None, scope: str = "all"):
+    """Compute in ``precision`` (any format name, or None: unchanged) inside the block, as
+    :func:`set_precision` with ``scope``; every layer's switch is restored afterwards, even on error.
+
+    >>> import torch, torch.nn as nn, hf_nvfp4
+    >>> m = hf_nvfp4.convert_model(nn.Sequential(nn.Linear(32, 32)), hf_nvfp4.NVFP4Config(bf16_last_blocks=0))
+    >>> with temporary_precision(m, "bf16"):
+    ...     m[0].precision
+    'bf16'
+    >>> m[0].precision
+    'nvfp4'
+    """
+    saved = [(st, st.precision, st.forward_precision) for st in _states(model)]
+    try:
+        if precision is not None:
+            set_precision(model, precision, scope)
+        yield model
+    finally:
+        for st, p, fp in saved:
+            st.set_precision(p, fp)
+
+
 def set_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
     """Set the precision of every NVFP4Linear in ``model``; returns how many layers it applies to.
 
@@ -245,13 +279,10 @@ def set_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
     """
     if precision not in PRECISIONS:
         raise ValueError(f"set_precision: precision must be one of {PRECISIONS}, got {precision!r}")
-    if scope not in ("all", "forward", "backward"):
-        raise ValueError(f"set_precision: scope must be 'all', 'forward' or 'backward', got {scope!r}")
-    states = {id(m.nvfp4_state): m.nvfp4_state for m in model.modules() if isinstance(m, NVFP4Linear)}
-    if getattr(model, "nvfp4_state", None) is not None:  # also switches layers that are not Linear (experts)
-        states[id(model.nvfp4_state)] = model.nvfp4_state
+    if scope not in SCOPES:
+        raise ValueError(f"set_precision: scope must be one of {SCOPES}, got {scope!r}")
     n = 0
-    for st in states.values():
+    for st in _states(model):
         if scope == "all":
             n += st.set_precision(precision, None)
         elif scope == "forward":
@@ -262,5 +293,5 @@ def set_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
     return n
 
 
-__all__ = ["NVFP4Recipe", "convert_model", "find_blocks", "plan_conversion", "set_precision", "set_recipe",
-           "unconvert_model", "module_matches"]
+__all__ = ["NVFP4Recipe", "SCOPES", "convert_model", "find_blocks", "plan_conversion", "set_precision", "set_recipe",
+           "temporary_precision", "unconvert_model", "module_matches"]
