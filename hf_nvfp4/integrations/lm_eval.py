@@ -150,8 +150,9 @@ def evaluate_lm(
 
     precision: evaluate the same weights with the forward (Fprop) numerics of this format
     (``"bf16"``, ``"nvfp4"``, ``"mxfp4"``, ...; one the model's recipe can run); None keeps each
-    layer's current setting. The model's train/eval mode and precisions are restored afterwards. Under distributed training only the main process
-    evaluates (lm-eval forces rank 0 / world size 1); the others return ``{}``.
+    layer's current setting. The model's train/eval mode and precisions are restored afterwards.
+    Under distributed training only the main process evaluates (lm-eval forces rank 0 / world
+    size 1); the others return ``{}``.
 
     >>> res = evaluate_lm(model, tokenizer, ["nvfp4_stdlib_mc"], limit=20)   # doctest: +SKIP
     >>> res["results"]["nvfp4_stdlib_mc"]["acc,none"]                        # doctest: +SKIP
