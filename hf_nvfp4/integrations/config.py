@@ -50,6 +50,11 @@ class NVFP4Config(QuantizationConfigMixin):
            for f in NVFP4Recipe.__dataclass_fields__.values()]
     )
 
+    # The recipe's fields (and quant_method) are this class's dataclass fields, so dataclasses.fields(),
+    # replace() and asdict() see the same list (without it they would see only the mixin's quant_method).
+    __dataclass_fields__ = {"quant_method": QuantizationConfigMixin.__dataclass_fields__["quant_method"],
+                            **NVFP4Recipe.__dataclass_fields__}
+
     def __getattr__(self, name):  # only called for names not found the usual way
         if name in _READ_THROUGH:
             return getattr(self.__dict__["_recipe"], name)

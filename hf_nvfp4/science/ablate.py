@@ -16,7 +16,7 @@ import hashlib
 import json
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import GEMMS, PAPER_STOCHASTIC_ROLES, fp8_baseline, mxfp4_paper
@@ -26,25 +26,47 @@ from ..recipe import PrecisionSwitchSection, RunSpec, load_recipe
 from .ablate_plots import plot
 from .stats import format_interval, paired_summary
 
-VARIANTS: dict[str, str] = {
-    "bf16": "BF16 everywhere",
-    "fp8": "FP8 baseline (E4M3, 1x128 / 128x128 blocks; the paper's 1 + 2 of 62 blocks in BF16, as a share)",
-    "fp8_nvfp4_alloc": "FP8 with the NVFP4 recipe's BF16 blocks (format alone differs)",
-    "nvfp4": "NVFP4, full recipe",
-    "base": "NVFP4 base method: no RHT, no SR, no 2D, no BF16 blocks (App. E.1)",
-    "no_rht": "NVFP4 without RHT",
-    "no_sr": "NVFP4 without stochastic rounding",
-    "no_2d": "NVFP4 without 2D weight scaling",
-    "all_nvfp4": "NVFP4 in every block (no BF16 blocks)",
-    "mxfp4": "MXFP4 as in the paper (1x32, UE8M0 rounded up, RHT 32, SR, 32x32 weight tiles)",
-    "switch_all": "NVFP4, all GEMMs to BF16 for the last 18% of steps",
-    "switch_fwd": "NVFP4, Fprop to BF16 for the last 18% of steps",
-    "switch_bwd": "NVFP4, Dgrad and Wgrad to BF16 for the last 18% of steps (control)",
-    "sr_forward": "negative control: SR also on the Fprop operands (App. E.3)",
-    "rht_all": "negative control: RHT on all three GEMMs, weights 1x16 there (App. E.4)",
-}
 SWITCH_AT = 0.82
-SWITCH_SCOPES = {"switch_all": "all", "switch_fwd": "forward", "switch_bwd": "backward"}
+_NO_BF16_BLOCKS = {"bf16_first_blocks": 0, "bf16_last_blocks": 0}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation variant: the recipe it trains with, and its late switch.
+
+    recipe: "nvfp4" (the full recipe with ``changes``), "fp8" / "fp8_nvfp4_alloc" (the FP8
+        baseline, the paper's BF16 share or the NVFP4 recipe's blocks), "mxfp4" or "bf16" (none).
+    switch: the scope of a late switch to BF16 at ``SWITCH_AT`` of the steps, or None.
+    """
+
+    description: str
+    recipe: str = "nvfp4"
+    changes: dict = field(default_factory=dict)
+    switch: str | None = None
+
+
+VARIANTS: dict[str, Variant] = {
+    "bf16": Variant("BF16 everywhere", "bf16"),
+    "fp8": Variant("FP8 baseline (E4M3, 1x128 / 128x128 blocks; the paper's 1 + 2 of 62 blocks in BF16, as a share)",
+                   "fp8"),
+    "fp8_nvfp4_alloc": Variant("FP8 with the NVFP4 recipe's BF16 blocks (format alone differs)", "fp8_nvfp4_alloc"),
+    "nvfp4": Variant("NVFP4, full recipe"),
+    "base": Variant("NVFP4 base method: no RHT, no SR, no 2D, no BF16 blocks (App. E.1)",
+                    changes=dict(disable_rht=True, disable_stochastic_rounding=True, disable_2d_quantization=True,
+                                 **_NO_BF16_BLOCKS)),
+    "no_rht": Variant("NVFP4 without RHT", changes=dict(disable_rht=True)),
+    "no_sr": Variant("NVFP4 without stochastic rounding", changes=dict(disable_stochastic_rounding=True)),
+    "no_2d": Variant("NVFP4 without 2D weight scaling", changes=dict(disable_2d_quantization=True)),
+    "all_nvfp4": Variant("NVFP4 in every block (no BF16 blocks)", changes=_NO_BF16_BLOCKS),
+    "mxfp4": Variant("MXFP4 as in the paper (1x32, UE8M0 rounded up, RHT 32, SR, 32x32 weight tiles)", "mxfp4"),
+    "switch_all": Variant("NVFP4, all GEMMs to BF16 for the last 18% of steps", switch="all"),
+    "switch_fwd": Variant("NVFP4, Fprop to BF16 for the last 18% of steps", switch="forward"),
+    "switch_bwd": Variant("NVFP4, Dgrad and Wgrad to BF16 for the last 18% of steps (control)", switch="backward"),
+    "sr_forward": Variant("negative control: SR also on the Fprop operands (App. E.3)",
+                          changes=dict(stochastic_roles=("fprop_input", "fprop_weight", *PAPER_STOCHASTIC_ROLES))),
+    "rht_all": Variant("negative control: RHT on all three GEMMs, weights 1x16 there (App. E.4)",
+                       changes=dict(rht_gemms=GEMMS)),
+}
 REFERENCES = ("nvfp4", "fp8", "bf16")
 
 
@@ -62,31 +84,18 @@ def model_blocks(base: RunSpec) -> int:
     raise ValueError("ablate: cannot tell the model's number of blocks (no num_hidden_layers in its config)")
 
 
-def variant_nvfp4(base: RunSpec, variant: str) -> NVFP4Config | None:
-    """The NVFP4Config (any format) of ``variant``, or None for BF16."""
-    cfg = base.nvfp4 or NVFP4Config()
-    rec = cfg.to_recipe()
-    if variant == "bf16":
+def variant_nvfp4(base: RunSpec, variant: str, seed: int | None = None) -> NVFP4Config | None:
+    """The NVFP4Config (any format) of ``variant``, or None for BF16; ``seed`` replaces the recipe's."""
+    v = VARIANTS[variant]
+    rec = (base.nvfp4 or NVFP4Config()).to_recipe()
+    if v.recipe == "bf16":
         return None
-    if variant in ("fp8", "fp8_nvfp4_alloc"):
-        alloc = "paper" if variant == "fp8" else "nvfp4"
-        out = NVFP4Config.from_recipe(fp8_baseline(model_blocks(base), alloc, like=rec))
-    elif variant == "mxfp4":
-        out = NVFP4Config.from_recipe(mxfp4_paper(rec))
-    else:
-        changes = {
-            "nvfp4": {},
-            "base": dict(disable_rht=True, disable_stochastic_rounding=True, disable_2d_quantization=True,
-                         bf16_first_blocks=0, bf16_last_blocks=0),
-            "no_rht": dict(disable_rht=True),
-            "no_sr": dict(disable_stochastic_rounding=True),
-            "no_2d": dict(disable_2d_quantization=True),
-            "all_nvfp4": dict(bf16_first_blocks=0, bf16_last_blocks=0),
-            "sr_forward": dict(stochastic_roles=["fprop_input", "fprop_weight", *PAPER_STOCHASTIC_ROLES]),
-            "rht_all": dict(rht_gemms=list(GEMMS)),
-        }.get(variant, {})  # the switch variants train with the full recipe
-        out = replace(cfg, **changes)
-    return replace(out, backend="emulated")
+    if v.recipe in ("fp8", "fp8_nvfp4_alloc"):
+        rec = fp8_baseline(model_blocks(base), "paper" if v.recipe == "fp8" else "nvfp4", like=rec)
+    elif v.recipe == "mxfp4":
+        rec = mxfp4_paper(rec)
+    seed = rec.seed if seed is None else seed
+    return NVFP4Config.from_recipe(rec.replace(**v.changes, backend="emulated", seed=seed))
 
 
 # ablation.md is not deleted: its generated block is replaced, what a person wrote around it is kept
@@ -116,12 +125,10 @@ def _protect(out: Path, resume: bool, overwrite: bool) -> None:
 def variant_recipe(base: RunSpec, variant: str, seed: int, runs_dir: Path) -> RunSpec:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
-    nv = variant_nvfp4(base, variant)
-    if nv is not None:
-        nv = replace(nv, seed=seed)
-    switch = PrecisionSwitchSection()
-    if variant in SWITCH_SCOPES:
-        switch = PrecisionSwitchSection(at=SWITCH_AT, to="bf16", scope=SWITCH_SCOPES[variant])
+    nv = variant_nvfp4(base, variant, seed)
+    scope = VARIANTS[variant].switch
+    switch = PrecisionSwitchSection() if scope is None else PrecisionSwitchSection(at=SWITCH_AT, to="bf16",
+                                                                                   scope=scope)
     training = replace(base.training, seed=seed, save_steps=0, eval_steps=0)
     return replace(
         base,
@@ -177,7 +184,7 @@ def summarize(rows: list[dict], variants: list[str]) -> list[dict]:
         losses = [by[(v, s)]["eval_loss"] for s in seeds if (v, s) in by]
         if not losses:
             continue
-        row = {"variant": v, "description": VARIANTS[v], "n": len(losses),
+        row = {"variant": v, "description": VARIANTS[v].description, "n": len(losses),
                "bf16_blocks": next(by[(v, s)].get("bf16_blocks") for s in seeds if (v, s) in by),
                "eval_loss": statistics.fmean(losses),
                "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else float("nan")}
