@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -198,7 +199,21 @@ def _codes_stochastic(xb, enc, seeds):
 # ----------------------------------------------------------------------------- driver
 
 
-def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
+class _Prepared(NamedTuple):
+    """What every NVFP4 entry point starts from (steps 1-5 of the module docstring)."""
+
+    x: torch.Tensor  # the checked input
+    x2: torch.Tensor  # 2D, zero-padded to whole blocks (and Hadamard-transformed with rht)
+    xb: torch.Tensor  # x2 as [blocks, 16]
+    scale_f32: torch.Tensor  # each block's E4M3 scale, as fp32
+    enc: torch.Tensor  # each block's encode multiplier (step 5)
+    g: torch.Tensor  # the per-tensor decode factor amax / 2688
+    seeds: torch.Tensor | None  # stochastic rounding seeds, None for nearest
+    amax: torch.Tensor  # the per-tensor amax
+    tile: tuple[int, int]
+
+
+def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn) -> _Prepared:
     x = check_input(x, fn)
     tile = check_tile(tile, NVFP4_TILES, fn)
     amax = check_amax(amax, fn)
@@ -232,7 +247,7 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
             scale_f32, enc = (t.expand(-1, 16, -1, -1).reshape(-1, 1) for t in (scale_f32, enc))
             xb = x2.view(-1, 16)
     seeds = _random.draw_seeds(generator, x.device) if stochastic else None
-    return x, x2, xb, scale_f32, enc, g, seeds, amax, tile
+    return _Prepared(x, x2, xb, scale_f32, enc, g, seeds, amax, tile)
 
 
 def _empty_scales(xb):
@@ -264,21 +279,21 @@ def quantize_nvfp4(
     >>> q.data.shape, q.scale.shape
     (torch.Size([32, 32]), torch.Size([32, 4]))
     """
-    x, x2, xb, scale_f32, enc, g, seeds, amax, tile = _prepare(
+    p = _prepare(
         x, tile, rht, rht_size, stochastic, generator, amax, "quantize_nvfp4"
     )
-    m, k = x2.shape
-    if xb.numel() == 0:
-        packed = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
-    elif seeds is None:
-        packed = _codes_nearest(xb, enc)
+    m, k = p.x2.shape
+    if p.xb.numel() == 0:
+        packed = torch.empty(m, k // 2, dtype=torch.uint8, device=p.x.device)
+    elif p.seeds is None:
+        packed = _codes_nearest(p.xb, p.enc)
     else:
-        packed = _codes_stochastic(xb, enc, seeds)
-    rows = shape_2d(x)[0]
+        packed = _codes_stochastic(p.xb, p.enc, p.seeds)
+    rows = shape_2d(p.x)[0]
     data = packed.reshape(m, k // 2)[:rows]
     # TE's layout: a 16x16 tile's scale on each of its rows; E4M3 holds these fp32 values exactly
-    scales = scale_f32.view(m, k // 16)[:rows].to(torch.float8_e4m3fn)
-    return NVFP4Tensor(data.contiguous(), scales.contiguous(), amax.float(), x.shape, tile, rht)
+    scales = p.scale_f32.view(m, k // 16)[:rows].to(torch.float8_e4m3fn)
+    return NVFP4Tensor(data.contiguous(), scales.contiguous(), p.amax.float(), p.x.shape, p.tile, rht)
 
 
 def fake_quantize_nvfp4(
@@ -306,20 +321,20 @@ def fake_quantize_nvfp4(
     >>> y.shape, y.dtype
     (torch.Size([16, 32]), torch.bfloat16)
     """
-    x, x2, xb, scale_f32, enc, g, seeds, amax, tile = _prepare(
+    p = _prepare(
         x, tile, rht, rht_size, stochastic, generator, amax, "fake_quantize_nvfp4"
     )
-    m, k = x2.shape
-    rows, cols = shape_2d(x)
+    m, k = p.x2.shape
+    rows, cols = shape_2d(p.x)
     if rht:  # the transformed basis keeps the padded width
         cols = k
-    shape = (*x.shape[:-1], cols)
-    if xb.numel() == 0:
-        return torch.zeros(shape, dtype=x.dtype, device=x.device)
-    if seeds is None:
-        out = _fake_nearest(xb, scale_f32, enc, g, x.dtype)
+    shape = (*p.x.shape[:-1], cols)
+    if p.xb.numel() == 0:
+        return torch.zeros(shape, dtype=p.x.dtype, device=p.x.device)
+    if p.seeds is None:
+        out = _fake_nearest(p.xb, p.scale_f32, p.enc, p.g, p.x.dtype)
     else:
-        out = _fake_stochastic(xb, scale_f32, enc, g, x.dtype, seeds)
+        out = _fake_stochastic(p.xb, p.scale_f32, p.enc, p.g, p.x.dtype, p.seeds)
     out = out.reshape(m, k)
     if (rows, cols) != (m, k):
         out = out[:rows, :cols]
@@ -346,18 +361,18 @@ def nvfp4_gemm_operand(
     the NVFP4 GEMM. Rows are cropped to the input's; the last dim keeps its zero padding
     (cropping a Hadamard-transformed operand would change the product).
     """
-    x, x2, xb, scale_f32, enc, g, seeds, _, _ = _prepare(
+    p = _prepare(
         x, tile, rht, rht_size, stochastic, generator, None, "nvfp4_gemm_operand"
     )
-    m, k = x2.shape
-    if xb.numel() == 0:
-        return torch.zeros(shape_2d(x)[0], k, dtype=dtype, device=x.device), g
-    one = torch.ones((), device=x.device)
-    if seeds is None:
-        vals = _fake_nearest(xb, scale_f32, enc, one, dtype)
+    m, k = p.x2.shape
+    if p.xb.numel() == 0:
+        return torch.zeros(shape_2d(p.x)[0], k, dtype=dtype, device=p.x.device), p.g
+    one = torch.ones((), device=p.x.device)
+    if p.seeds is None:
+        vals = _fake_nearest(p.xb, p.scale_f32, p.enc, one, dtype)
     else:
-        vals = _fake_stochastic(xb, scale_f32, enc, one, dtype, seeds)
-    return vals.reshape(m, k)[: shape_2d(x)[0]], g
+        vals = _fake_stochastic(p.xb, p.scale_f32, p.enc, one, dtype, p.seeds)
+    return vals.reshape(m, k)[: shape_2d(p.x)[0]], p.g
 
 
 @fused(dims=(0,))
