@@ -18,5 +18,5 @@ def test_ruff_clean():
     out = subprocess.run([ruff, "check", *dirs], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
-# The layering rule (formats -> ops -> nn -> integrations -> app) is checked on the import graph,
-# parsed from the sources, in test_architecture.py.
+# The layering rule (formats -> config -> ops -> nn -> integrations -> science and app -> cli) is
+# checked on the import graph, parsed from the sources, in test_architecture.py.
