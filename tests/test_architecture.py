@@ -1,4 +1,4 @@
-"""Issue 10: layering by AST, one model kind from every entry point, a frozen recipe, resume."""
+"""Layering by AST, one model kind from every entry point, a frozen recipe, resume."""
 
 import ast
 import json
@@ -254,7 +254,7 @@ def test_from_pretrained_trainer_resume_is_bit_identical_without_callbacks(tmp_p
 
 
 def test_rht_size_is_bounded_wherever_a_config_is_built(tmp_path):
-    """Issue 11 (5): 2**20 from a constructor, a dict, a recipe file or a checkpoint's config.json
+    """2**20 from a constructor, a dict, a recipe file or a checkpoint's config.json
     is refused before anything is allocated."""
     from hf_nvfp4.recipe import RecipeError, load_recipe
 
@@ -271,3 +271,27 @@ def test_rht_size_is_bounded_wherever_a_config_is_built(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="rht_size"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_the_recipe_field_list_exists_once():
+    """NVFP4Config's fields are NVFP4Recipe's (plus quant_method); it holds a recipe and validates on set."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(NVFP4Recipe)]
+    assert [f.name for f in dataclasses.fields(NVFP4Config)] == ["quant_method", *names]
+    cfg = NVFP4Config(seed=3)
+    cfg.seed = 4
+    assert cfg.to_recipe() == NVFP4Recipe(seed=4)
+    assert dataclasses.replace(cfg, rht_size=32).to_recipe() == NVFP4Recipe(seed=4, rht_size=32)
+    with pytest.raises(AttributeError, match="no field 'sed'"):
+        cfg.sed = 1
+
+
+def test_temporary_precision_restores_any_format_even_on_error():
+    model = hf_nvfp4.convert_model(tiny("llama", 2), NVFP4Config(format="mxfp4", bf16_last_blocks=0))
+    with pytest.raises(RuntimeError), hf_nvfp4.nn.temporary_precision(model, "bf16", scope="forward"):
+        assert {(m.precision, m.forward_precision) for m in model.modules() if isinstance(m, NVFP4Linear)} == {
+            ("mxfp4", "bf16")}
+        raise RuntimeError
+    assert {(m.precision, m.forward_precision) for m in model.modules() if isinstance(m, NVFP4Linear)} == {
+        ("mxfp4", None)}
