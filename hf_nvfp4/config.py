@@ -170,8 +170,8 @@ FIELD_TYPES: dict[str, object] = typing.get_type_hints(NVFP4Recipe)
 def _validate(r: NVFP4Recipe) -> None:
     """Types from the field annotations, then ranges and names; every message names the field."""
     owner = "NVFP4Recipe"
-    for name in ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization"):
-        if not _accepts(FIELD_TYPES[name], getattr(r, name)):
+    for name in (n for n, tp in FIELD_TYPES.items() if tp is bool):  # every flag, from its type
+        if not _accepts(bool, getattr(r, name)):
             raise ValueError(f"{owner}.{name} must be True or False, got {getattr(r, name)!r}")
     v = r.rht_size
     if not _accepts(FIELD_TYPES["rht_size"], v) or v < 2 or v & (v - 1) or v > MAX_RHT_SIZE:
