@@ -27,8 +27,10 @@ from ._common import (
     FLT_MAX,
     as_2d,
     check_amax,
+    check_dequant_dtype,
     check_generator,
     check_input,
+    check_rht_size,
     check_tile,
     pad_2d,
     shape_2d,
@@ -188,6 +190,7 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn):
     tile = check_tile(tile, NVFP4_TILES, fn)
     amax = check_amax(amax, fn)
     generator = check_generator(generator, fn)
+    rht_size = check_rht_size(rht_size, fn)
     if rht and tile != (1, 16):
         raise ValueError(f"{fn}: rht=True is for 1x16 operands (Wgrad); got tile={tile}")
     if rht:  # the transform reads a transposed (Wgrad) operand in place and writes it contiguous
