@@ -80,6 +80,7 @@ class NVFP4Tensor:
         With ``rht=True`` the result is in the transformed basis (as TE's is) and has the
         padded width: ``shape[:-1] + (data.shape[1] * 2,)``.
         """
+        check_dequant_dtype(dtype, "NVFP4Tensor.dequantize")
         q = values_from_codes(unpack_nibbles(self.data))
         s = self.scale.float().repeat_interleave(16, dim=1)
         out = (q * s) * (self.amax.float() / TENSOR_SCALE)
