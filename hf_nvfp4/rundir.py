@@ -73,7 +73,10 @@ def _safetensors_problem(p: Path) -> str | None:
             header = json.loads(f.read(n))
         except ValueError:
             return f"{p.name} has an unreadable header"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError):
+        return f"{p.name} has an unreadable header"
     if 8 + n + end != size:
         return f"{p.name} is truncated ({size} bytes, its header says {8 + n + end})"
     return None
@@ -134,6 +137,23 @@ def _json_problem(p: Path) -> str | None:
     if p.name == "trainer_state.json" and not (isinstance(data, dict) and "global_step" in data):
         return "trainer_state.json has no global_step"
     return None
+
+
+def check_model_weights(model_dir: str | os.PathLike, what: str) -> None:
+    """Raise :class:`RunDirError` naming the file if a model's weight file is truncated or unreadable.
+
+    The same cheap checks as ``--resume`` (no tensor is loaded), for the commands that load a
+    saved model (``eval``, ``diagnose``): a raw loader error would not name the file.
+    """
+    d = Path(model_dir)
+    for p in sorted(d.iterdir()) if d.is_dir() else []:
+        why = None
+        if p.is_file() and p.suffix == ".safetensors":
+            why = _safetensors_problem(p)
+        elif p.is_file() and p.name == "pytorch_model.bin":
+            why = _zip_problem(p)
+        if why:
+            raise RunDirError(f"{what}: cannot load {p}: {why}; re-save or copy the checkpoint again")
 
 
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[str, str]]]:
