@@ -329,7 +329,10 @@ def _check_ranges(r: RecipeFile) -> None:
         below = v <= high if high_in else v < high
         if not (above and below):  # False for NaN too
             lo, hi = ("[" if low_in else "("), ("]" if high_in else ")")
-            bound = f">= {low}" if high == INF and low_in else f"> {low}" if high == INF else f"within {lo}{low}, {high}{hi}"
+            if high == INF:
+                bound = f">= {low}" if low_in else f"> {low}"
+            else:
+                bound = f"within {lo}{low}, {high}{hi}"
             if high == INF and not high_in:
                 bound += " and finite"
             raise RecipeError(f"recipe.{section}.{key} must be {bound}{f' ({why})' if why else ''}, got {v!r}")

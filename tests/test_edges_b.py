@@ -83,7 +83,8 @@ def task_dir(tmp_path_factory):
     docs = {
         "e_ws": [{"q": "   ", "choices": ["a", "b"], "label": 0}],  # whitespace-only context
         "e_empty0": [{"q": "1 + 1 =", "choices": ["", " 2"], "label": 1}],  # lm-eval reads choice[0] of doc 0
-        "e_empty1": [{"q": "1 + 1 =", "choices": [" 3", " 2"], "label": 1}, {"q": "2 =", "choices": [" 2", ""], "label": 0}],
+        "e_empty1": [{"q": "1 + 1 =", "choices": [" 3", " 2"], "label": 1},
+                     {"q": "2 =", "choices": [" 2", ""], "label": 0}],
         "e_long": [{"q": "x", "choices": ["y" * 100, "z"], "label": 1}],  # longer than 64 positions
     }
     for name, rows in docs.items():
@@ -191,10 +192,12 @@ def test_truncated_weights_are_named_in_eval_and_diagnose(tmp_path, capsys):
     ("training.warmup_steps=-5", "training.warmup_steps"), ("training.grad_clip=-1", "training.grad_clip"),
     ("training.weight_decay=-3", "training.weight_decay"), ("training.weight_decay=.nan", "training.weight_decay"),
     ("training.min_lr_ratio=2", "training.min_lr_ratio"), ("training.seed=-1", "training.seed"),
-    ("training.save_steps=-1", "training.save_steps"), ("training.dataloader_workers=-2", "training.dataloader_workers"),
+    ("training.save_steps=-1", "training.save_steps"),
+    ("training.dataloader_workers=-2", "training.dataloader_workers"),
     ("data.eval_fraction=5", "data.eval_fraction"), ("data.eval_fraction=1", "data.eval_fraction"),
     ("data.max_files=0", "data.max_files"), ("evaluation.limit=0", "evaluation.limit"),
-    ("evaluation.batch_size=0", "evaluation.batch_size"), ("logging.health_every_n_steps=-1", "logging.health_every_n_steps"),
+    ("evaluation.batch_size=0", "evaluation.batch_size"),
+    ("logging.health_every_n_steps=-1", "logging.health_every_n_steps"),
 ])
 def test_recipe_values_are_range_checked(override, key):
     with pytest.raises(RecipeError, match=rf"recipe\.{key} must be"):

@@ -100,7 +100,8 @@ def _exact_hflm():
             ctx, cont = encode_pair(self.tokenizer, context, continuation)
             if not ctx:  # an empty context: lm-eval's own rule (TemplateLM.loglikelihood) conditions on
                 # prefix_token_id, or on the continuation's first token where that is the prefix token
-                ctx, cont = ([self.prefix_token_id], cont) if cont[:1] != [self.prefix_token_id] else (cont[:1], cont[1:])
+                p = self.prefix_token_id
+                ctx, cont = ([p], cont) if cont[:1] != [p] else (cont[:1], cont[1:])
             return ctx, cont
 
         def loglikelihood(self, requests, disable_tqdm=False):
@@ -114,7 +115,7 @@ def _exact_hflm():
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
-            for key, ctx, cont in requests:  # key: (context, continuation), None for rolling windows
+            for key, _ctx, cont in requests:  # key: (context, continuation), None for rolling windows
                 context, continuation = key if key is not None else ("", "")
                 if not cont:
                     raise ValueError(
