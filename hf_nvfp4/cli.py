@@ -47,11 +47,18 @@ def _recipes(args) -> int:
     return 0
 
 
-def _plot(args) -> int:
+def _no_matplotlib(cmd: str) -> bool:
+    """True (after saying so) when matplotlib is missing: checked before any computing."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("hf-nvfp4 plot-parity: needs matplotlib: pip install 'hf-nvfp4[plots]'", file=sys.stderr)
+        print(f"hf-nvfp4 {cmd}: needs matplotlib: pip install 'hf-nvfp4[plots]'", file=sys.stderr)
+        return True
+    return False
+
+
+def _plot(args) -> int:
+    if _no_matplotlib("plot-parity"):
         return 2
     from .science.plots import plot_loss_parity
 
@@ -131,6 +138,8 @@ def _export(args) -> int:
 
 
 def _diagnose(args) -> int:
+    if _no_matplotlib("diagnose"):  # its report has plots
+        return 2
     from .science.diagnose_report import diagnose_checkpoint, summary_lines
 
     cmd = "hf-nvfp4 diagnose " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["diagnose"] else None

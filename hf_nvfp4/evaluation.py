@@ -28,6 +28,9 @@ def evaluate_checkpoint(
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir!r} is not a saved model directory (no config.json)")
+    from .rundir import check_model_weights
+
+    check_model_weights(path, "eval")
     model = AutoModelForCausalLM.from_pretrained(path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -68,13 +71,18 @@ def format_table(rows: dict[str, dict[str, float]], baseline: str | None = None)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     gaps = relative_gaps(rows, baseline) if baseline else {}
     for m in metrics:
-        cells = [m] + [f"{rows[n][m]:.4f}" if m in rows[n] else "-" for n in names]
+        cells = [m] + [_number(rows[n][m]) if m in rows[n] else "-" for n in names]
         cells += [
             f"{gaps[n][m]:+.2%}" if gaps.get(n, {}).get(m, float("nan")) == gaps.get(n, {}).get(m) else "-"
             for n in gap_cols
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _number(v: float) -> str:
+    """4 decimals for scores and losses; 4 significant digits where that would be unreadable (1.327e+13)."""
+    return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e6 else f"{v:.4g}"
 
 
 def relative_gaps(rows: dict[str, dict[str, float]], baseline: str) -> dict[str, dict[str, float]]:

@@ -240,9 +240,11 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = N
     """
     path = resolve_recipe_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not a text (UTF-8 YAML) file ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     for item in overrides or []:
@@ -283,13 +285,10 @@ def _check(r: RunSpec) -> None:
         raise RecipeError("recipe.data.source 'files' needs data.files")
     if r.data.format not in ("text", "json", "parquet"):
         raise RecipeError(f"recipe.data.format must be text, json or parquet, got {r.data.format!r}")
-    for key in ("max_steps", "batch_size", "grad_accum", "logging_steps"):
-        if getattr(r.training, key) < 1:
-            raise RecipeError(f"recipe.training.{key} must be >= 1")
-    if not 0 <= r.training.decay_fraction <= 1:
-        raise RecipeError("recipe.training.decay_fraction must be within [0, 1]")
-    if r.data.seq_len < 16:
-        raise RecipeError("recipe.data.seq_len must be >= 16")
+    _check_unused_data_keys(r.data)
+    _check_ranges(r)
+    if r.precision_switch.scope not in ("all", "forward", "backward"):
+        raise RecipeError("recipe.precision_switch.scope must be 'all', 'forward' or 'backward'")
     if r.fp8_shadow.mode not in ("lockstep", "reference"):
         raise RecipeError("recipe.fp8_shadow.mode must be 'lockstep' or 'reference'")
     if r.model.dtype not in DTYPES:
@@ -300,6 +299,66 @@ def _check(r: RunSpec) -> None:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+INF = float("inf")
+# Every numeric recipe key: (section, key, low, high, low included, high included, why). NaN never passes.
+RANGES = (
+    ("data", "seq_len", 16, INF, True, True, ""),
+    ("data", "max_files", 1, INF, True, True, ""),
+    ("data", "eval_fraction", 0, 1, True, False, "0 keeps no held-out set"),
+    ("training", "max_steps", 1, INF, True, True, ""),
+    ("training", "batch_size", 1, INF, True, True, "per device"),
+    ("training", "grad_accum", 1, INF, True, True, ""),
+    ("training", "lr", 0, INF, False, False, "the peak learning rate"),
+    ("training", "min_lr_ratio", 0, 1, True, True, "a fraction of lr"),
+    ("training", "warmup_steps", 0, INF, True, True, ""),
+    ("training", "decay_fraction", 0, 1, True, True, "a fraction of max_steps"),
+    ("training", "beta1", 0, 1, True, False, "Adam's momentum"),
+    ("training", "beta2", 0, 1, True, False, "Adam's second-moment decay"),
+    ("training", "weight_decay", 0, INF, True, False, ""),
+    ("training", "grad_clip", 0, INF, True, False, "0 turns clipping off"),
+    ("training", "seed", 0, 2**32 - 1, True, True, ""),
+    ("training", "logging_steps", 1, INF, True, True, ""),
+    ("training", "save_steps", 0, INF, True, True, "0 saves only at the end"),
+    ("training", "eval_steps", 0, INF, True, True, "0: no periodic evaluation"),
+    ("training", "dataloader_workers", 0, INF, True, True, ""),
+    ("evaluation", "every_n_steps", 0, INF, True, True, "0: only at the end"),
+    ("evaluation", "limit", 1, INF, True, True, "examples per task, or null for all"),
+    ("evaluation", "batch_size", 1, INF, True, True, ""),
+    ("logging", "health_every_n_steps", 0, INF, True, True, "0 turns it off"),
+)
+
+
+def _check_ranges(r: RunSpec) -> None:
+    """Bound every numeric key at load: a NaN lr or a beta1 of 2 fails here, naming the key."""
+    for section, key, low, high, low_in, high_in, why in RANGES:
+        v = getattr(getattr(r, section), key)
+        if v is None:
+            continue
+        above = v >= low if low_in else v > low
+        below = v <= high if high_in else v < high
+        if not (above and below):  # False for NaN too
+            lo, hi = ("[" if low_in else "("), ("]" if high_in else ")")
+            if high == INF:
+                bound = f">= {low}" if low_in else f"> {low}"
+            else:
+                bound = f"within {lo}{low}, {high}{hi}"
+            if high == INF and not high_in:
+                bound += " and finite"
+            raise RecipeError(f"recipe.{section}.{key} must be {bound}{f' ({why})' if why else ''}, got {v!r}")
+
+
+# Keys that only one data source reads: set with another source they would be silently ignored.
+_SOURCE_KEYS = {"files": ("files",), "name": ("hub",), "config_name": ("hub",), "streaming": ("hub",),
+                "format": ("files",), "text_field": ("files", "hub"), "max_files": ("stdlib",)}
+
+
+def _check_unused_data_keys(d: DataSection) -> None:
+    for key, sources in _SOURCE_KEYS.items():
+        if d.source not in sources and getattr(d, key) != getattr(DataSection, key, None) and getattr(d, key) != []:
+            raise RecipeError(
+                f"recipe.data.{key} is set ({getattr(d, key)!r}) but data.source {d.source!r} does not read it "
+                f"(only {' or '.join(repr(s) for s in sources)} does); remove it or change data.source"
+            )
 
 
 def _check_callbacks(r: RunSpec) -> None:

@@ -127,6 +127,23 @@ def _json_problem(p: Path) -> str | None:
     return None
 
 
+def check_model_weights(model_dir: str | os.PathLike, what: str) -> None:
+    """Raise :class:`RunDirError` naming the file if a model's weight file is truncated or unreadable.
+
+    The same cheap checks as ``--resume`` (no tensor is loaded), for the commands that load a
+    saved model (``eval``, ``diagnose``): a raw loader error would not name the file.
+    """
+    d = Path(model_dir)
+    for p in sorted(d.iterdir()) if d.is_dir() else []:
+        why = None
+        if p.is_file() and p.suffix == ".safetensors":
+            why = _safetensors_problem(p)
+        elif p.is_file() and p.name == "pytorch_model.bin":
+            why = _zip_problem(p)
+        if why:
+            raise RunDirError(f"{what}: cannot load {p}: {why}; re-save or copy the checkpoint again")
+
+
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[str, str]]]:
     """(the newest complete checkpoint or None, [(name, why skipped), ...] for newer broken ones)."""
     skipped = []

@@ -208,12 +208,7 @@ def _run(recipe: RunSpec, extra_callbacks, evaluate_at_end: bool, quiet: bool, r
     for cb in callbacks:  # bound explicitly: callbacks never search for their Trainer
         if hasattr(cb, "bind"):
             cb.bind(trainer)
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
-        logger.warning(
-            "hf_nvfp4: the accelerate config asks for FSDP, but accelerate enables FSDP only for GPU "
-            "launches; this run uses %s instead",
-            trainer.accelerator.distributed_type,
-        )
+    say_fsdp_fallback(trainer)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     elapsed = time.perf_counter() - start
@@ -257,6 +252,17 @@ def _run(recipe: RunSpec, extra_callbacks, evaluate_at_end: bool, quiet: bool, r
         if not quiet:
             print(format_summary(summary), flush=True)
     return summary
+
+
+def say_fsdp_fallback(trainer) -> None:
+    """accelerate enables FSDP only for GPU launches: say so once per run, on the main process only."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        if trainer.is_world_process_zero():
+            logger.warning(
+                "hf_nvfp4: the accelerate config asks for FSDP, but accelerate enables FSDP only for GPU "
+                "launches; this run uses %s instead",
+                trainer.accelerator.distributed_type,
+            )
 
 
 def evaluate_in_bf16(trainer, model) -> float:

@@ -177,3 +177,145 @@ def test_mxfp4_matches_the_reference(x):
     m = math.prod(x.shape[:-1])
     np.testing.assert_array_equal(unpack_nibbles(q.data).numpy(), codes[:m])
     np.testing.assert_array_equal(q.scale.numpy().astype(np.int64) - 127, exps[:m])
+
+
+# -- issue 23: views, argument edges and the FP8 formats, all against the reference --------------
+SMALL = settings(
+    max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+ARGS = dict(tile=st.sampled_from([(1, 16), (16, 16)]), stochastic=st.booleans(), seed=st.integers(0, 2**31 - 1))
+
+
+@st.composite
+def views(draw):
+    """(view, its contiguous copy): a transposed, strided, sliced or expanded view of a random tensor."""
+    x = draw(tensors(max_m=33, max_k=48))
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    kind = draw(st.sampled_from(["t", "step", "slice", "expand", "neg_stride_free"]))
+    if kind == "t":
+        v = x2.t()
+    elif kind == "step":
+        v = x2[:, ::2]
+    elif kind == "slice":
+        v = x2[1:, 3:] if x2.shape[0] > 1 and x2.shape[1] > 3 else x2[:, :0]
+    elif kind == "expand":
+        v = x2[:1].expand(3, -1)
+    else:  # a column-major copy: same values, other strides
+        v = x2.t().contiguous().t()
+    return v, v.contiguous()
+
+
+@SMALL
+@given(views(), st.sampled_from([(1, 16), (16, 16)]), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_non_contiguous_views_quantize_like_their_copy(pair, tile, rht, stochastic, seed):
+    v, c = pair
+    rht = rht and tile == (1, 16)
+    kw = dict(tile=tile, rht=rht, stochastic=stochastic)
+    a = hf_nvfp4.fake_quantize_nvfp4(v, generator=torch.Generator().manual_seed(seed), **kw)
+    b = hf_nvfp4.fake_quantize_nvfp4(c, generator=torch.Generator().manual_seed(seed), **kw)
+    assert same_bits(a, b)
+    qa = hf_nvfp4.quantize_nvfp4(v, generator=torch.Generator().manual_seed(seed), **kw)
+    qb = hf_nvfp4.quantize_nvfp4(c, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(qa.data, qb.data) and same_bits(qa.scale.float(), qb.scale.float())
+    if not stochastic:  # and the view itself matches the numpy reference
+        _check_reference(v, tile, rht)
+
+
+@SMALL
+@given(tensors(min_k=1), st.sampled_from([(1, 16), (16, 16)]),
+       st.one_of(st.floats(0, 2.0**127, width=32), st.sampled_from([0.0, 1e-45, 6.0, 3.4e38])))
+def test_amax_override_matches_the_reference(x, tile, amax):
+    q = hf_nvfp4.quantize_nvfp4(x, tile=tile, amax=amax)
+    m = math.prod(x.shape[:-1])
+    if m == 0:
+        return
+    codes, scale, ref_amax = ref.nvfp4(_padded(x, tile[0], 16), tile=tile, amax=amax)
+    np.testing.assert_array_equal(unpack_nibbles(q.data).numpy(), codes[:m])
+    np.testing.assert_array_equal(q.scale.float().numpy(), scale[:m])
+    assert same_bits(hf_nvfp4.fake_quantize_nvfp4(x, tile=tile, amax=amax), q.dequantize(x.dtype))
+
+
+@SMALL
+@given(st.one_of(st.floats().filter(lambda a: not (np.float32(a) >= 0 and math.isfinite(a))),
+                 st.sampled_from([math.nan, math.inf, -math.inf, -0.5])))
+def test_non_finite_or_negative_amax_is_a_clear_error(amax):
+    x = torch.randn(4, 32)
+    for fn in (hf_nvfp4.quantize_nvfp4, hf_nvfp4.fake_quantize_nvfp4):
+        try:
+            fn(x, amax=amax)
+        except ValueError as exc:
+            assert "amax must be a finite number >= 0" in str(exc)
+        else:
+            raise AssertionError(f"amax={amax} was accepted")
+
+
+BAD_DTYPES = [torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64, torch.bool, torch.complex64,
+              torch.float8_e4m3fn]
+
+
+@SMALL
+@given(st.sampled_from(BAD_DTYPES), st.integers(0, 3), st.integers(0, 40))
+def test_unsupported_input_dtypes_are_a_clear_error(dtype, ndim, k):
+    x = torch.zeros(tuple([2] * (ndim - 1) + [k]) if ndim else (), dtype=dtype)
+    for fn in (hf_nvfp4.quantize_nvfp4, hf_nvfp4.fake_quantize_nvfp4):
+        try:
+            fn(x)
+        except TypeError as exc:
+            assert "is not supported; pass float32, bfloat16 or float16" in str(exc)
+        else:
+            raise AssertionError(f"{dtype} input was accepted")
+
+
+@SMALL
+@given(st.integers(-4, 2**12), st.booleans())
+def test_rht_size_is_a_power_of_two_up_to_256(size, stochastic):
+    x = torch.randn(3, 40)
+    ok = 2 <= size <= 256 and size & (size - 1) == 0
+    kw = dict(rht=True, rht_size=size, stochastic=stochastic)
+    if not ok:
+        for fn in (hf_nvfp4.quantize_nvfp4, hf_nvfp4.fake_quantize_nvfp4):
+            try:
+                fn(x, **kw)
+            except ValueError as exc:
+                assert "rht_size must be a power of two from 2 to 256" in str(exc)
+            else:
+                raise AssertionError(f"rht_size={size} was accepted")
+        return
+    a = hf_nvfp4.fake_quantize_nvfp4(x, generator=torch.Generator().manual_seed(1), **kw)
+    q = hf_nvfp4.quantize_nvfp4(x, generator=torch.Generator().manual_seed(1), **kw)
+    assert same_bits(a, q.dequantize()) and a.shape == (3, -(-40 // max(16, size)) * max(16, size))
+
+
+@SMALL
+@given(st.sampled_from([*BAD_DTYPES[1:], torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+def test_dequantize_returns_floats_only(dtype):
+    q = hf_nvfp4.quantize_nvfp4(torch.randn(2, 32))
+    if dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        assert q.dequantize(dtype).dtype == dtype
+        return
+    try:
+        q.dequantize(dtype)
+    except TypeError as exc:
+        assert "dtype must be one of" in str(exc)
+    else:
+        raise AssertionError(f"dequantize({dtype}) was accepted")
+
+
+@SMALL
+@given(tensors(finite=True, max_k=160), st.sampled_from([(1, 128), (128, 128), None]), st.booleans())
+def test_fp8_matches_the_reference(x, tile, pow2):
+    """FP8 block (1x128, 128x128) and per-tensor current scaling, any shape and magnitude (finite)."""
+    F = hf_nvfp4.formats
+    if tile is None:
+        if pow2:
+            return  # per-tensor scales are fp32 only (TE's Float8CurrentScaling)
+        y, q = F.fake_quantize_fp8_tensor(x), F.quantize_fp8_tensor(x)
+    else:
+        y = F.fake_quantize_fp8_block(x, tile=tile, pow2_scales=pow2)
+        q = F.quantize_fp8_block(x, tile=tile, pow2_scales=pow2)
+    assert same_bits(y, q.dequantize(x.dtype))
+    if x.numel() == 0:
+        assert y.shape == x.shape
+        return
+    want = torch.from_numpy(ref.fp8_current(x, tile, pow2)).to(x.dtype).reshape(x.shape)
+    assert torch.equal(y, want)  # as values: the cast keeps -0.0's sign, the reference's np.sign does not

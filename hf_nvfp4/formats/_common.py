@@ -15,6 +15,9 @@ logger = logging.getLogger("hf_nvfp4")
 FLT_MAX = torch.finfo(torch.float32).max
 E4M3_MAX = 448.0
 HIGH_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+# what dequantize may return: float64 too (exact), never an integer or FP8 type (silent truncation)
+DEQUANT_DTYPES = (*HIGH_PRECISION, torch.float64)
+MAX_RHT_SIZE = 256  # as NVFP4Recipe.rht_size: the paper studied 16-128; larger sizes cost O(size) per element
 _said: set[str] = set()
 
 
@@ -101,6 +104,30 @@ def check_amax(amax: object, fn: str) -> torch.Tensor | None:
     a = torch.as_tensor(amax, dtype=torch.float32).detach()  # documented: results never require grad
     if a.numel() != 1:
         raise ValueError(f"{fn}: amax must be a scalar (one element), got shape {tuple(a.shape)}")
-    if a.device.type == "cpu" and bool(a.detach().reshape(()) < 0):  # no GPU sync
-        raise ValueError(f"{fn}: amax must be >= 0 (it is a max of absolute values), got {float(a)}")
+    if a.device.type == "cpu":  # no GPU sync
+        v = float(a.reshape(()))
+        if not math.isfinite(v) or v < 0:  # NaN would make every scale NaN, Inf every scale 0
+            raise ValueError(
+                f"{fn}: amax must be a finite number >= 0 (it is a max of absolute values), got {v}; "
+                "leave amax=None to take it from the tensor"
+            )
     return a.reshape(())
+
+
+def check_rht_size(rht_size: object, fn: str) -> int:
+    """A power of two from 2 to MAX_RHT_SIZE (the recipe's bound), as an int."""
+    ok = isinstance(rht_size, int) and not isinstance(rht_size, bool)
+    if not ok or rht_size < 2 or rht_size & (rht_size - 1) or rht_size > MAX_RHT_SIZE:  # type: ignore[operator]
+        raise ValueError(
+            f"{fn}: rht_size must be a power of two from 2 to {MAX_RHT_SIZE} (the paper uses 16), got {rht_size!r}"
+        )
+    return rht_size  # type: ignore[return-value]
+
+
+def check_dequant_dtype(dtype: object, fn: str) -> torch.dtype:
+    if dtype not in DEQUANT_DTYPES:
+        raise TypeError(
+            f"{fn}: dtype must be one of {[str(d) for d in DEQUANT_DTYPES]}, got {dtype!r}; "
+            "the values are not integers, and a cast to an integer or FP8 type would silently change them"
+        )
+    return dtype  # type: ignore[return-value]

@@ -68,7 +68,7 @@ def _fp8_block(x, tile, pow2_scales, dequant, fn):
     if dequant:
         return out[:rows, :cols].reshape(x.shape)
     scale_rows = rows if tile == (1, 128) else -(-rows // 128)
-    scale_inv = torch.reciprocal(scale).reshape(-1, k // 128)[:scale_rows]
+    scale_inv = torch.reciprocal(scale).reshape(m // tile[0], k // 128)[:scale_rows]  # (-1, 0) fails for K = 0
     return BlockQuantized("e4m3", out[:rows], scale_inv, x.shape, tile)
 
 

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ._common import MAX_RHT_SIZE
 from ._compile import fused
 
 # One fixed sign vector for every layer and the whole run (TE's wgrad sign vector).
@@ -37,10 +38,15 @@ def _signs(size: int) -> tuple[int, ...]:
     return tuple(RHT_SIGNS_16[i % 16] for i in range(size))
 
 
+def _check_size(size: object) -> None:
+    ok = isinstance(size, int) and not isinstance(size, bool)
+    if not ok or size < 2 or size & (size - 1) or size > MAX_RHT_SIZE:  # type: ignore[operator]
+        raise ValueError(f"Hadamard size must be a power of two from 2 to {MAX_RHT_SIZE}, got {size!r}")
+
+
 def hadamard_matrix(size: int = 16, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """``diag(s) @ H_size / sqrt(size)``: orthogonal, so ``H @ H.T == I``."""
-    if size < 2 or size & (size - 1):
-        raise ValueError(f"Hadamard size must be a power of two >= 2, got {size}")
+    _check_size(size)
     return _matrix(size, dtype, torch.device(device) if device is not None else torch.device("cpu"))
 
 
@@ -92,8 +98,7 @@ def hadamard_transform(x: torch.Tensor, size: int = 16) -> torch.Tensor:
             f"hadamard_transform needs a floating-point tensor, got {type(x).__name__}"
             f"{'' if not isinstance(x, torch.Tensor) else ' of dtype ' + str(x.dtype)}"
         )
-    if size < 2 or size & (size - 1):
-        raise ValueError(f"Hadamard size must be a power of two >= 2, got {size}")
+    _check_size(size)
     if x.ndim == 0 or x.shape[-1] % size:
         raise ValueError(
             f"hadamard_transform: the last dim of shape {tuple(x.shape)} must be a multiple of "

@@ -29,8 +29,10 @@ from ._common import (
     FLT_MAX,
     as_2d,
     check_amax,
+    check_dequant_dtype,
     check_generator,
     check_input,
+    check_rht_size,
     check_tile,
     pad_2d,
     shape_2d,
@@ -80,6 +82,7 @@ class NVFP4Tensor:
         With ``rht=True`` the result is in the transformed basis (as TE's is) and has the
         padded width: ``shape[:-1] + (data.shape[1] * 2,)``.
         """
+        check_dequant_dtype(dtype, "NVFP4Tensor.dequantize")
         q = values_from_codes(unpack_nibbles(self.data))
         s = self.scale.float().repeat_interleave(16, dim=1)
         out = (q * s) * (self.amax.float() / TENSOR_SCALE)
@@ -218,6 +221,7 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn) -> _Prepar
     tile = check_tile(tile, NVFP4_TILES, fn)
     amax = check_amax(amax, fn)
     generator = check_generator(generator, fn)
+    rht_size = check_rht_size(rht_size, fn)
     if rht and tile != (1, 16):
         raise ValueError(f"{fn}: rht=True is for 1x16 operands (Wgrad); got tile={tile}")
     if rht:  # the transform reads a transposed (Wgrad) operand in place and writes it contiguous

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._common import check_dequant_dtype
 from .e2m1 import unpack_nibbles, values_from_codes
 
 
@@ -39,6 +40,7 @@ class BlockQuantized:
         return self.scale.float()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        check_dequant_dtype(dtype, "BlockQuantized.dequantize")
         v = self.element_values()
         s = self.scale_values()
         if s.numel() == 1:

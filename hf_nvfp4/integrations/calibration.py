@@ -16,6 +16,9 @@ import torch
 import torch.nn as nn
 
 CALIBRATION_BATCHES = 8  # "a few batches": enough for a max, cheap next to training
+# The fewest tokens an activation amax is taken over: one NVFP4 block's worth. Fewer (an empty text
+# becomes one </s> token) would fix every layer's input scale from a token or two, silently.
+MIN_CALIBRATION_TOKENS = 16
 TEXT_SEQ_LEN = 512
 NEEDS_CALIBRATION = (
     "export_nvfp4: scheme 'NVFP4' (W4A4) quantizes activations with a tensor scale fixed at export time, so it "
@@ -62,7 +65,24 @@ def calibration_batches(calibration, model: nn.Module, tokenizer=None, max_batch
     batches = [_check_batch(b, i, model) for i, b in enumerate(batches[:max_batches])]
     if not batches:
         raise ValueError("export_nvfp4: the calibration data holds no batch; give at least one sequence of token ids")
+    n = calibration_tokens(batches)
+    if n < MIN_CALIBRATION_TOKENS:
+        what = f"calibration text {str(calibration)!r}" if isinstance(calibration, (str, os.PathLike)) else (
+            "the calibration data")
+        raise ValueError(
+            f"export_nvfp4: {what} gives {n} token(s) of input; the activation amax needs at least "
+            f"{MIN_CALIBRATION_TOKENS} (a few hundred give a steadier scale): give more text or batches"
+        )
     return batches
+
+
+def calibration_tokens(batches: list[dict]) -> int:
+    """Tokens the model reads in ``batches`` (attention-masked padding not counted)."""
+    n = 0
+    for b in batches:
+        mask = b.get("attention_mask")
+        n += int(mask.sum()) if isinstance(mask, torch.Tensor) else b["input_ids"].numel()
+    return n
 
 
 def _check_batch(batch: dict, i: int, model: nn.Module) -> dict:
@@ -90,6 +110,12 @@ def _text_batches(path: Path, tokenizer, model: nn.Module, max_batches: int) -> 
             f"export_nvfp4: calibration text {path} needs a tokenizer; pass tokenizer= (the CLI uses MODEL_DIR's)"
         )
     ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"))["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    if not [i for i in ids if i not in special]:  # an empty text is only the tokenizer's </s> or BOS
+        raise ValueError(
+            f"export_nvfp4: calibration text {path} holds no text (it encodes to special tokens only); give a file "
+            f"of at least {MIN_CALIBRATION_TOKENS} tokens of text like the training data"
+        )
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or TEXT_SEQ_LEN
     seq = max(1, min(TEXT_SEQ_LEN, int(limit)))
     chunks = [ids[i : i + seq] for i in range(0, len(ids), seq)][:max_batches]

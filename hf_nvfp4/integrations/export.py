@@ -46,6 +46,7 @@ class ExportReport:
     fused: dict[str, dict] = field(default_factory=dict)  # module -> its group, amax and how far it moved
     input_amax: dict[str, float] = field(default_factory=dict)  # W4A4: calibrated activation amax
     calibration_batches: int = 0
+    calibration_tokens: int = 0
     bytes_written: int = 0  # safetensors files on disk
     payload_bytes: int = 0  # their tensor bytes
     bf16_bytes: int = 0  # the same tensors as a BF16 checkpoint
@@ -68,7 +69,9 @@ class ExportReport:
                 f"error vs the master weights {worst['rel_error_training']:.3g} -> {worst['rel_error_exported']:.3g}"
             )
         if self.calibration_batches:
-            lines.append(f"  activation amax calibrated on {self.calibration_batches} batches")
+            lines.append(
+                f"  activation amax calibrated on {self.calibration_batches} batches ({self.calibration_tokens} tokens)"
+            )
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
@@ -117,6 +120,7 @@ def export_to_directory(model, save_directory, fmt, scheme, calibration, tokeniz
     _check_dir(out, overwrite)  # before any costly step
     model, source = _load(model)
     names = _quantized_names(model)
+    _check_finite(model, names)
     report = ExportReport(str(out), fmt, scheme, quantized=names)
     groups = _classify(model, names, report)
     if tokenizer is None and source is not None:
@@ -147,6 +151,25 @@ def export_to_directory(model, save_directory, fmt, scheme, calibration, tokeniz
         report.notes.append("no tokenizer given or found next to the model: add one before serving")
     (out / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+@torch.no_grad()
+def _check_finite(model: nn.Module, names: list[str]) -> None:
+    """Refuse NaN/Inf weights before anything is written: a NaN weight gives its layer NaN scales and
+    all-zero codes, an Inf one garbage; both would export with exit code 0."""
+    bad = []
+    for pname, p in model.named_parameters():
+        if p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all()):
+            nan, inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+            layer = pname.rpartition(".")[0]
+            kind = "NVFP4 layer" if layer in names else "high-precision tensor"
+            bad.append(f"{pname} ({kind}: {nan} NaN, {inf} Inf of {p.numel()})")
+    if bad:
+        raise ValueError(
+            f"export_nvfp4: the model has non-finite weights in {len(bad)} tensor(s): {'; '.join(bad[:5])}"
+            f"{'; ...' if len(bad) > 5 else ''}. Training diverged or the checkpoint is damaged; export an earlier "
+            "checkpoint (nothing was written)"
+        )
 
 
 def _check_choices(fmt, scheme, calibration) -> None:
@@ -270,10 +293,18 @@ def _classify(model, names, report) -> list[list[str]]:
 
 
 def _calibrate(model, names, groups, calibration, tokenizer, report) -> dict[str, torch.Tensor]:
-    from .calibration import calibrate_input_amax, calibration_batches
+    from .calibration import calibrate_input_amax, calibration_batches, calibration_tokens
 
     batches = calibration_batches(calibration, model, tokenizer)
     amax = calibrate_input_amax(model, names, batches)
+    bad = [n for n, a in amax.items() if not bool(torch.isfinite(a))]
+    if bad:
+        raise ValueError(
+            f"export_nvfp4: calibration gave a non-finite activation amax for {len(bad)} layer(s) ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): the model overflows or produces NaN on the calibration data; "
+            "nothing was written"
+        )
+    report.calibration_tokens = calibration_tokens(batches)
     for g in groups:  # siblings share their input, and the fused GEMM takes one input scale
         amax.update(dict.fromkeys(g, torch.stack([amax[m] for m in g]).max()))
     report.calibration_batches = len(batches)

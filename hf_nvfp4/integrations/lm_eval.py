@@ -8,8 +8,11 @@ name passes through to lm-eval's own registry (those download their data).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import subprocess
+import traceback
 from pathlib import Path
 
 import torch
@@ -95,7 +98,39 @@ def _exact_hflm():
             n = len(context) - len(context.rstrip())
             if n:  # lm-eval's convention: trailing spaces of the context belong to the continuation
                 context, continuation = context[:-n], context[-n:] + continuation
-            return encode_pair(self.tokenizer, context, continuation)
+            ctx, cont = encode_pair(self.tokenizer, context, continuation)
+            if not ctx:  # an empty context: lm-eval's own rule (TemplateLM.loglikelihood) conditions on
+                # prefix_token_id, or on the continuation's first token where that is the prefix token
+                p = self.prefix_token_id
+                ctx, cont = ([p], cont) if cont[:1] != [p] else (cont[:1], cont[1:])
+            return ctx, cont
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            for req in requests:  # lm-eval would fail on these with a bare IndexError/AssertionError
+                if req.args[1] == "":
+                    raise ValueError(
+                        f"lm-eval task {req.task_name!r}, document {req.doc_id}: a continuation (choice) is empty, "
+                        f"which has no likelihood to score (context {req.args[0][-60:]!r}); give every choice "
+                        "some text (check the task's doc_to_choice / doc_to_target)"
+                    )
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            for key, _ctx, cont in requests:  # key: (context, continuation), None for rolling windows
+                context, continuation = key if key is not None else ("", "")
+                if not cont:
+                    raise ValueError(
+                        f"lm-eval: the continuation {continuation!r} (after context {context[-60:]!r}) encodes to no "
+                        "token, so there is nothing to score; give every choice some text"
+                    )
+                if len(cont) > self.max_length:
+                    raise ValueError(
+                        f"lm-eval: a continuation of {len(cont)} tokens ({continuation[:40]!r}...) is longer than "
+                        f"the model's maximum length of {self.max_length} tokens (config.max_position_embeddings); "
+                        "lm-eval scores a whole continuation in one window and truncates only the context, so "
+                        "shorten the task's continuations or evaluate with a longer context"
+                    )
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
 
         def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
             rows = [encode_prompt(self.tokenizer, s) for s in strings]
@@ -117,6 +152,44 @@ def _exact_hflm():
 
 
 _EXACT = None
+
+
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records ``git describe`` with git's stderr open: outside a checkout that prints
+    "fatal: not a git repository". Swap in the same lookup with stderr captured, restored after."""
+    import lm_eval.evaluator as ev
+    from lm_eval.loggers import utils as lu
+
+    def git_hash():
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, check=True)  # noqa: S607
+            return done.stdout.decode().strip()
+        except (subprocess.CalledProcessError, OSError):
+            return lu.get_commit_from_path(os.getcwd())
+
+    saved = ev.get_git_commit_hash
+    ev.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        ev.get_git_commit_hash = saved
+
+
+@contextlib.contextmanager
+def _named_task_errors(tasks):
+    """lm-eval reads ``choice[0]`` of the first document when it builds a task: an empty choice is a
+    bare IndexError there. Say which tasks and what to fix."""
+    try:
+        yield
+    except IndexError as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        if not (frame.filename.endswith(os.path.join("lm_eval", "api", "task.py")) and "choice" in (frame.line or "")):
+            raise
+        raise ValueError(
+            f"lm-eval could not build task(s) {list(tasks)}: a choice of the first document is empty "
+            f"(lm-eval: {frame.line.strip()!r}); give every choice some text (check doc_to_choice)"
+        ) from exc
 
 
 def headline_metrics(results: dict) -> dict[str, float]:
@@ -163,6 +236,11 @@ def evaluate_lm(
         raise ValueError("evaluate_lm: give at least one task name")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"evaluate_lm: precision must be one of {PRECISIONS} or None, got {precision!r}")
+    if tokenizer is None:
+        raise ValueError(
+            "evaluate_lm: tokenizer is None; pass the tokenizer the model was trained with "
+            "(hf-nvfp4's recipes use the byte tokenizer: transformers.ByT5Tokenizer())"
+        )
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}
     import lm_eval
@@ -172,7 +250,7 @@ def evaluate_lm(
     try:
         with temporary_precision(model, precision, scope="forward"):
             lm = _exact_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            with torch.no_grad():
+            with torch.no_grad(), _quiet_git_hash(), _named_task_errors(tasks):
                 res = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=tasks,

@@ -297,6 +297,26 @@ def _as_batch(batch, device):
     raise TypeError(f"diagnose: batch must be a tensor or a dict of tensors, got {type(batch).__name__}")
 
 
+def _check_batch(batch, loss_fn) -> None:
+    """An empty batch fails here, by name, not deep inside the model's reshapes."""
+    what = "diagnose: batch"
+    if isinstance(batch, dict):
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            raise ValueError(f"{what} holds no tensor; give a dict such as {{'input_ids': ids}} ([batch, tokens])")
+        for k, v in tensors.items():
+            if v.numel() == 0:
+                raise ValueError(f"{what}[{k!r}] is empty (shape {tuple(v.shape)}); give at least one sequence")
+        ids = tensors.get("input_ids")
+        if loss_fn is None and "labels" not in tensors and ids is not None and ids.ndim >= 1 and ids.shape[-1] < 2:
+            raise ValueError(
+                f"{what}['input_ids'] has {ids.shape[-1]} token per sequence: the loss predicts the next token, "
+                "so give at least 2 (or pass labels= / loss_fn=)"
+            )
+    elif isinstance(batch, torch.Tensor) and batch.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(batch.shape)}); give at least one sequence")
+
+
 def capture(model: nn.Module, batch, layers, loss_fn=None, max_tokens: int | None = None) -> dict[str, dict]:
     """{layer name: {"x": [M, K], "dy": [M, N]}} from one forward and backward of ``model`` on ``batch``.
 
@@ -368,6 +388,7 @@ def diagnose(model: nn.Module, batch, *, recipe=None, draws: int = 16, seed: int
     layers = target_layers(model)
     if not layers:
         raise ValueError("diagnose: the model has no Linear layer to diagnose (none converted, none in blocks)")
+    _check_batch(batch, loss_fn)
     caps = capture(model, batch, layers, loss_fn, max_tokens)
     n_blocks = len(find_blocks(model)[1])
     rows = []

@@ -49,8 +49,11 @@ def load_for_diagnosis(model_dir: str | Path):
 
     import hf_nvfp4  # noqa: F401 - registers the hf_nvfp4 quantization method
 
+    from .rundir import check_model_weights
+
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a checkpoint directory (no config.json)")
+    check_model_weights(model_dir, "diagnose")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -252,6 +255,9 @@ def write_report(rep: dict, out_dir: str | Path, title: str, command: str | None
 def diagnose_checkpoint(model_dir, out_dir=None, *, batch_size: int = 8, draws: int = 16, max_tokens: int = 4096,
                         seed: int = 0, recipe=None, split: str = "eval", command: str | None = None) -> dict:
     """Diagnose a checkpoint on a real batch of its data; writes the report into ``out_dir``."""
+    from .ablate_plots import _plt
+
+    _plt()  # the report's plots need matplotlib: fail before a minute of computing, not after
     model = load_for_diagnosis(model_dir)
     batch, rec = checkpoint_batch(model_dir, batch_size, recipe, split)
     rep = diagnose(model, batch, draws=draws, seed=seed, max_tokens=max_tokens)
