@@ -158,7 +158,7 @@ def test_fsdp_fallback_notice_on_the_main_process_only(monkeypatch, caplog):
 
 # -- 9: diagnose checks for matplotlib before computing ------------------------------------------
 def test_diagnose_needs_matplotlib_up_front(monkeypatch, tmp_path, capsys):
-    import hf_nvfp4.diagnostics as diag
+    import hf_nvfp4.science.diagnose_report as diag
 
     def computed(*a, **k):
         raise AssertionError("computed before checking for matplotlib")
@@ -179,7 +179,7 @@ def test_truncated_weights_are_named_in_eval_and_diagnose(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--tasks", "nvfp4_stdlib_mc", "--limit", "1"]) == 2
     err = capsys.readouterr().err
     assert "eval: cannot load" in err and str(f) in err and "truncated" in err
-    from hf_nvfp4.diagnostics import load_for_diagnosis
+    from hf_nvfp4.science.diagnose_report import load_for_diagnosis
 
     with pytest.raises(ValueError, match=r"diagnose: cannot load .*model\.safetensors: .*truncated"):
         load_for_diagnosis(tmp_path)
@@ -263,7 +263,7 @@ def test_dequantize_refuses_non_floating_dtypes(dtype):
     ({"input_ids": torch.zeros(2, 1, dtype=torch.long)}, r"batch\['input_ids'\] has 1 token per sequence"),
 ])
 def test_diagnose_refuses_an_empty_batch(model, batch, message):
-    from hf_nvfp4.integrations.diagnose import diagnose
+    from hf_nvfp4.science.diagnose import diagnose
 
     with pytest.raises(ValueError, match=rf"diagnose: {message}"):
         diagnose(model, batch, draws=3)

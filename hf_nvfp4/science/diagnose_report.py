@@ -49,7 +49,7 @@ def load_for_diagnosis(model_dir: str | Path):
 
     import hf_nvfp4  # noqa: F401 - registers the hf_nvfp4 quantization method
 
-    from .rundir import check_model_weights
+    from ..rundir import check_model_weights
 
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a checkpoint directory (no config.json)")
