@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..nn.convert import require_converted
 from ..nn.linear import NVFP4Linear
 from ._trainer import TrainerBound
 from .tokens import encode_pair, encode_prompt, encode_text
@@ -171,6 +172,8 @@ def evaluate_lm(
         raise ValueError("evaluate_lm: give at least one task name")
     if precision not in (None, "nvfp4", "bf16"):
         raise ValueError(f"evaluate_lm: precision must be 'nvfp4', 'bf16' or None, got {precision!r}")
+    if precision is not None:  # scores "in NVFP4" from a model that has no NVFP4 layer would be wrong
+        require_converted(model, f"evaluate_lm(precision={precision!r}) (None evaluates the model as it is)")
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}
     import lm_eval
