@@ -2,14 +2,17 @@
 
 As tests/fsdp2_plugin.py, on the CPU with 2 gloo processes, the Accelerator's state is forced to FSDP
 with an FSDP2 plugin (SHARDED_STATE_DICT: accelerate's distributed checkpoint, torch.distributed.checkpoint)
-so that prepare, save_state and load_state take accelerate's FSDP2 paths. One process runs without FSDP.
+so that prepare, save_state and load_state take accelerate's FSDP2 paths (also on one process,
+started with torchrun's environment, for MODE "resume-fsdp").
 
 MODE "run": 6 steps, save_state after step 3, then (fresh Accelerator, model, optimizer, scheduler and
 plugin, as in a new process) load_state and steps 4-6 again; writes DIR/run.json (losses, metrics and
-the full weights' sums of both runs). MODE "resume": load DIR/ckpt (written by "run", maybe with
-another world size) and run steps 4-6; writes DIR/resume_N.json, or the error it raised.
+the sha256 of every weight of both runs). MODE "resume-fsdp" (FSDP2 forced whatever the world size)
+or "resume" (no FSDP): load DIR/ckpt (written by "run", maybe on another world size) and run steps
+4-6; writes DIR/MODE_N.json (N: the world size), with the error load_state raised if it did.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -72,12 +75,16 @@ def train(acc, plugin, model, opt, sched, until: int, save: Path | None = None):
     return losses, logs
 
 
+def digest(state: dict) -> dict:
+    """A sha256 of every tensor's bytes: equal digests are equal tensors, bit for bit."""
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in state.items()}
+
+
 def summary(acc, plugin, model) -> dict:
-    full = acc.get_state_dict(model)  # gathered on every process under FSDP2
-    shadow = plugin.shadow.model.state_dict()
-    return {"weights": {k: float(v.double().sum()) for k, v in full.items()},
-            "weights_bits": {k: float(v.double().abs().sum() * 1e6 % 1) for k, v in full.items()},
-            "shadow": {k: float(v.double().sum()) for k, v in shadow.items()},
+    full = acc.get_state_dict(model)  # the whole weights, gathered from the shards under FSDP2
+    return {"weights": digest(full), "shadow": digest(plugin.shadow.model.state_dict()),
+            "weight_sum": float(sum(v.double().sum() for v in full.values())),
             "param_type": type(next(model.parameters())).__name__, "world": acc.num_processes,
             "steps": plugin.completed_steps}
 
