@@ -186,3 +186,14 @@ def test_user_guide_accelerate_loop_runs_and_resumes_bit_for_bit(tmp_path):
     assert "resumed bit for bit" in res.stdout
     assert "cannot restore its order" not in res.stderr
     assert (tmp_path / "runs" / "my-loop" / "step-6" / "custom_checkpoint_0.pkl").exists()
+
+
+def test_resumed_plugin_without_a_switch_drops_the_checkpoints(tmp_path, caplog):
+    _plugin_run(tmp_path, 3, save="ckpt", switch_at=2, max_steps=10)  # switched after step 2
+    caplog.set_level(logging.WARNING, logger="hf_nvfp4")
+    plugin, switch, logs = _plugin_run(tmp_path, 1, load="ckpt")  # no switch_at: this plugin never switches
+    assert switch == ("nvfp4", None) and plugin.completed_steps == 4
+    assert "switches after step 2, this plugin (no switch" in caplog.text
+    caplog.clear()
+    plugin, switch, logs = _plugin_run(tmp_path, 1, load="ckpt", switch_at=2, max_steps=10)  # the same: silent
+    assert switch == ("bf16", None) and not caplog.text

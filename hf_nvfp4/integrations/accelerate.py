@@ -309,12 +309,11 @@ class NVFP4Plugin:
             state, self._validated = self._validated, None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"NVFP4Plugin.load_state_dict: not an NVFP4Plugin state (version {STATE_VERSION})")
-        for key, have in (("switch", self.switch), ("shadow", self.shadow)):
-            if (state[key] is None) != (have is None):
-                raise ValueError(
-                    f"NVFP4Plugin.load_state_dict: the checkpoint was saved {'with' if state[key] else 'without'} "
-                    f"a {key}, this plugin has {'one' if have else 'none'}; build the plugin as the saving run did"
-                )
+        if (state["shadow"] is None) != (self.shadow is None):  # a shadow cannot be made up mid-run
+            raise ValueError(
+                f"NVFP4Plugin.load_state_dict: the checkpoint was saved {'with' if state['shadow'] else 'without'} "
+                f"a shadow, this plugin has {'one' if self.shadow else 'none'}; build the plugin as the saving run did"
+            )
         saved = state["nvfp4_state"].get("recipe")
         main = self._accelerator is None or self._accelerator.is_main_process
         if saved is not None and saved != self._model.nvfp4_state.recipe.to_dict() and main:
@@ -322,8 +321,7 @@ class NVFP4Plugin:
                            "with the plugin's", saved)
         self.completed_steps = int(state["completed_steps"])
         self._model.nvfp4_state.load_state_dict(state["nvfp4_state"])
-        if self.switch is not None:
-            self._load_switch(state, main)
+        self._load_switch(state, main)
         self._draw.set_state(state["sr_draw"])
         if self.shadow is not None:
             self.shadow.load_state_dict(state["shadow"])
@@ -332,22 +330,26 @@ class NVFP4Plugin:
     def _load_switch(self, state: dict, main: bool) -> None:
         """This plugin's own arguments decide the schedule (issue 23); the checkpoint gives what was
         measured (a token-count switch's tokens per step) and where the run stands."""
-        sw, saved = self.switch, state["switch"]
-        if sw.tokens is not None and sw.switch_step is None and saved.get("tokens_per_step"):
+        sw, saved = self.switch, state["switch"] or {}
+        if sw is None and not saved:
+            return  # no schedule on either side: the model's precision is what the checkpoint's NVFP4State says
+        if sw is not None and sw.tokens is not None and sw.switch_step is None and saved.get("tokens_per_step"):
             sw.measure(int(saved["tokens_per_step"]))  # measured by the saving run, same batches
-        if saved.get("switch_step") != sw.switch_step and main:
-            was = state.get("schedule") or "its schedule"
+        now = sw.switch_step if sw is not None else None
+        if (saved.get("switch_step") != now or (state["switch"] is None) != (sw is None)) and main:
             logger.warning(
                 "hf_nvfp4: resuming with another switch schedule than the checkpoint's: the checkpoint (%s, "
                 "max_steps=%s) switches after step %s, this plugin (%s, max_steps=%s) after step %s; the run "
-                "follows this plugin's", was, state.get("max_steps", "?"), saved.get("switch_step"),
-                sw.describe(), self.max_steps, sw.switch_step)
+                "follows this plugin's", state.get("schedule") or ("no switch" if not saved else "its schedule"),
+                state.get("max_steps", "?"), saved.get("switch_step"),
+                sw.describe() if sw is not None else "no switch", self.max_steps, now)
         st = self._model.nvfp4_state
         before, fmt = (st.precision, st.forward_precision), st.recipe.format
         set_precision(self._model, fmt)  # then what this plugin's schedule says for this step
-        sw.switched = False
-        if sw.due(self.completed_steps):
-            sw.apply(self._model, notify=False)
+        if sw is not None:
+            sw.switched = False
+            if sw.due(self.completed_steps):
+                sw.apply(self._model, notify=False)
         after = (st.precision, st.forward_precision)
         if after != before and main:
             logger.warning("hf_nvfp4: after step %d the checkpoint's model computed in %s (precision, forward "
