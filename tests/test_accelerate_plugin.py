@@ -366,3 +366,36 @@ def test_plugin_on_the_te_standin(standin):  # noqa: F811 - the fixture imported
     assert ecalls == [["Float8BlockScaling"], ["Float8BlockScaling"]]  # the emulated run's shadow: TE too
     assert logs == elogs and logs[0]["precision_switch_step"] == 1.0
     assert all(torch.equal(w[k], ew[k]) for k in w)
+
+
+def test_fsdp2_save_state_load_state_resumes_bit_for_bit_and_on_another_world_size(tmp_path):
+    """Accelerate's FSDP2 save_state/load_state (forced on CPU as above; sharded distributed checkpoint):
+    2 processes resume bit for bit; 1 FSDP2 process resumes the same checkpoint through the distributed
+    checkpoint (resharded), within 2% of the loss; a non-FSDP Accelerator is refused, naming what to do."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    script = str(ROOT / "tests" / "fsdp2_resume.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551"]
+    one = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29553")  # what torchrun would set for one process, without its agent
+    for cmd, extra in ((torchrun + [script, "run"], {}), ([sys.executable, script, "resume-fsdp"], one)):
+        res = subprocess.run(cmd + [str(tmp_path)], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    run = json.loads((tmp_path / "run.json").read_text())
+    full, again = run["full"], run["resumed"]
+    assert full["param_type"] == again["param_type"] == "DTensor" and full["world"] == again["world"] == 2
+    assert (tmp_path / "ckpt" / "pytorch_model_fsdp_0").is_dir()  # accelerate's sharded distributed checkpoint
+    assert again["steps"] == 6 and again["losses"] == full["losses"][3:]
+    assert again["logs"] == full["logs"][3:]  # shadow metrics too (the switch fired at step 3, before the save)
+    assert full["logs"][2]["precision_switch_step"] == 3.0
+    assert again["weights"] == full["weights"] and again["shadow"] == full["shadow"]  # sha256 of every tensor
+    one = json.loads((tmp_path / "resume-fsdp_1.json").read_text())["resumed"]
+    assert one["world"] == 1 and one["param_type"] == "DTensor" and one["steps"] == 6
+    for x, y in zip(full["losses"][3:], one["losses"], strict=True):
+        assert abs(x - y) <= 0.02 * x, (full["losses"], one["losses"])
+    acc = _accelerator(mixed_precision="bf16")  # one process without FSDP: a clear error, nothing loaded
+    model = tiny("llama", 4)
+    NVFP4Plugin(CFG, switch_at=0.5, max_steps=6, fp8_shadow=True).prepare(acc, model, torch.optim.AdamW(
+        model.parameters()))
+    with pytest.raises(ValueError, match=r"saved under FSDP.*not FSDP.*FSDP Accelerator.*merge-weights"):
+        acc.load_state(str(tmp_path / "ckpt"))

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..config import NVFP4Recipe, as_recipe
-from ..nn.convert import convert_model
+from ..nn.convert import convert_model, set_precision
 from .shadow import load_side_file
 from .shadow_run import ShadowRun, mean_across_ranks
 from .switch import LateSwitch
@@ -164,6 +164,7 @@ class NVFP4Plugin:
                 "accelerator.prepare(...)"
             )
         self._convert(model, accelerator.process_index)
+        self._check_loaders(accelerator, objects)
         if self.shadow is not None:
             self._build_shadow(model, objects, accelerator)
         # The SR stream draws from a generator of the plugin's (checkpointed with it), so nothing the
@@ -177,6 +178,28 @@ class NVFP4Plugin:
         if self.switch is not None and self.switch.due(self.completed_steps):
             self.switch.apply(model, notify=accelerator.is_main_process)  # switch_at=0
         return out
+
+    @staticmethod
+    def _check_loaders(accelerator, objects) -> None:
+        """Warn where ``load_state`` cannot restore a data loader's order (issue 23): a shuffling
+        ``RandomSampler`` draws a fresh permutation from torch's generator at every epoch, which a
+        resumed run draws at another point, so its batches (and losses) differ from the uninterrupted
+        run's. Accelerate's seedable sampler derives the order from a seed and the epoch instead."""
+        cfg = getattr(accelerator, "dataloader_config", None)
+        if getattr(cfg, "use_seedable_sampler", False) or not accelerator.is_main_process:
+            return
+        for loader in objects:
+            if not isinstance(loader, torch.utils.data.DataLoader):
+                continue
+            sampler = getattr(loader.batch_sampler, "sampler", loader.sampler)
+            if isinstance(sampler, torch.utils.data.RandomSampler):
+                logger.warning(
+                    "hf_nvfp4: this DataLoader shuffles (RandomSampler), and save_state/load_state cannot restore "
+                    "its order: a resumed run would see other batches than the uninterrupted one. Build the "
+                    "Accelerator with dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True) "
+                    "(from accelerate.utils) and call loader.set_epoch(epoch) at each epoch, as "
+                    "examples/accelerate_loop.py does")
+                return
 
     def _convert(self, model: nn.Module, rank: int) -> None:
         state = getattr(model, "nvfp4_state", None)
@@ -272,6 +295,8 @@ class NVFP4Plugin:
             "version": STATE_VERSION,
             "completed_steps": self.completed_steps,
             "switch": self.switch.state_dict() if self.switch is not None else None,
+            "schedule": self.switch.describe() if self.switch is not None else None,  # for messages on resume
+            "max_steps": self.max_steps,
             "nvfp4_state": self._model.nvfp4_state.state_dict(),
             "sr_draw": self._draw.get_state(),
             "shadow": self.shadow.state_dict() if self.shadow is not None else None,
@@ -284,25 +309,52 @@ class NVFP4Plugin:
             state, self._validated = self._validated, None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"NVFP4Plugin.load_state_dict: not an NVFP4Plugin state (version {STATE_VERSION})")
-        for key, have in (("switch", self.switch), ("shadow", self.shadow)):
-            if (state[key] is None) != (have is None):
-                raise ValueError(
-                    f"NVFP4Plugin.load_state_dict: the checkpoint was saved {'with' if state[key] else 'without'} "
-                    f"a {key}, this plugin has {'one' if have else 'none'}; build the plugin as the saving run did"
-                )
+        if (state["shadow"] is None) != (self.shadow is None):  # a shadow cannot be made up mid-run
+            raise ValueError(
+                f"NVFP4Plugin.load_state_dict: the checkpoint was saved {'with' if state['shadow'] else 'without'} "
+                f"a shadow, this plugin has {'one' if self.shadow else 'none'}; build the plugin as the saving run did"
+            )
         saved = state["nvfp4_state"].get("recipe")
         main = self._accelerator is None or self._accelerator.is_main_process
         if saved is not None and saved != self._model.nvfp4_state.recipe.to_dict() and main:
             logger.warning("hf_nvfp4: resuming with another recipe than the checkpoint's (%s); the run continues "
                            "with the plugin's", saved)
         self.completed_steps = int(state["completed_steps"])
-        if self.switch is not None:
-            self.switch.load_state_dict(state["switch"])
         self._model.nvfp4_state.load_state_dict(state["nvfp4_state"])
+        self._load_switch(state, main)
         self._draw.set_state(state["sr_draw"])
         if self.shadow is not None:
             self.shadow.load_state_dict(state["shadow"])
         self._losses, self._lrs, self._loss_sum = list(state["losses"]), state["lrs"], 0.0
+
+    def _load_switch(self, state: dict, main: bool) -> None:
+        """This plugin's own arguments decide the schedule (issue 23); the checkpoint gives what was
+        measured (a token-count switch's tokens per step) and where the run stands."""
+        sw, saved = self.switch, state["switch"] or {}
+        if sw is None and not saved:
+            return  # no schedule on either side: the model's precision is what the checkpoint's NVFP4State says
+        if sw is not None and sw.tokens is not None and sw.switch_step is None and saved.get("tokens_per_step"):
+            sw.measure(int(saved["tokens_per_step"]))  # measured by the saving run, same batches
+        now = sw.switch_step if sw is not None else None
+        if (saved.get("switch_step") != now or (state["switch"] is None) != (sw is None)) and main:
+            logger.warning(
+                "hf_nvfp4: resuming with another switch schedule than the checkpoint's: the checkpoint (%s, "
+                "max_steps=%s) switches after step %s, this plugin (%s, max_steps=%s) after step %s; the run "
+                "follows this plugin's", state.get("schedule") or ("no switch" if not saved else "its schedule"),
+                state.get("max_steps", "?"), saved.get("switch_step"),
+                sw.describe() if sw is not None else "no switch", self.max_steps, now)
+        st = self._model.nvfp4_state
+        before, fmt = (st.precision, st.forward_precision), st.recipe.format
+        set_precision(self._model, fmt)  # then what this plugin's schedule says for this step
+        if sw is not None:
+            sw.switched = False
+            if sw.due(self.completed_steps):
+                sw.apply(self._model, notify=False)
+        after = (st.precision, st.forward_precision)
+        if after != before and main:
+            logger.warning("hf_nvfp4: after step %d the checkpoint's model computed in %s (precision, forward "
+                           "precision); this plugin's schedule says %s, which the run now follows",
+                           self.completed_steps, before, after)
 
     def _validate_file(self, models, input_dir) -> None:
         """Read this plugin's file with ``weights_only=True`` before Accelerate unpickles it."""
@@ -310,9 +362,35 @@ class NVFP4Plugin:
         index = next((i for i, o in enumerate(objs) if o is self), None)
         if index is None:
             return
+        self._check_layout(Path(input_dir))
         f = Path(input_dir) / f"custom_checkpoint_{index}.pkl"
         if f.exists():  # when missing, Accelerate says so itself
             self._validated = load_side_file(f, "NVFP4Plugin")
+
+    def _check_layout(self, input_dir: Path) -> None:
+        """A checkpoint written under FSDP keeps the model in accelerate's FSDP layout (a sharded
+        distributed checkpoint, ``pytorch_model_fsdp_0/``, or a full ``pytorch_model_fsdp.bin``),
+        which only an FSDP Accelerator reads (of any world size: the distributed checkpoint
+        reshards); a non-FSDP Accelerator would fail on a missing ``pytorch_model.bin``."""
+        fsdp_files = sorted(p.name for p in input_dir.glob("pytorch_model_fsdp*"))
+        plain_files = sorted(p.name for p in input_dir.glob("model*.safetensors")) + sorted(
+            p.name for p in input_dir.glob("pytorch_model*.bin") if "fsdp" not in p.name)
+        is_fsdp = str(getattr(self._accelerator, "distributed_type", "")).endswith("FSDP")
+        if fsdp_files and not plain_files and not is_fsdp:
+            raise ValueError(
+                f"NVFP4Plugin: {input_dir} was saved under FSDP ({', '.join(fsdp_files)}: accelerate's FSDP "
+                f"checkpoint), but this Accelerator is not FSDP ({self._accelerator.distributed_type}, "
+                f"{self._accelerator.num_processes} process(es)). Resume it with an FSDP Accelerator (any number "
+                "of processes: the sharded checkpoint reshards), or first turn the sharded weights into one file "
+                f"with `accelerate merge-weights {input_dir / 'pytorch_model_fsdp_0'} OUT_DIR` and load those "
+                "into a fresh run"
+            )
+        if plain_files and not fsdp_files and is_fsdp:
+            raise ValueError(
+                f"NVFP4Plugin: {input_dir} was saved without FSDP ({', '.join(plain_files)}), but this Accelerator "
+                "is FSDP, which reads only accelerate's FSDP checkpoint (pytorch_model_fsdp*). Resume with the "
+                "distributed setup that saved it (DDP or one process)"
+            )
 
 
 __all__ = ["NVFP4Plugin", "wrapped_reason"]

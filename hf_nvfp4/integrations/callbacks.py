@@ -13,6 +13,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from ..nn.convert import require_converted
 from ..nn.linear import NVFP4Linear
 from ._trainer import TrainerBound, unwrap
 from .switch import LateSwitch, parse_tokens
@@ -31,6 +32,10 @@ class PrecisionSwitchCallback(LateSwitch, TrainerBound):
         (Dgrad and Wgrad only, the paper's control).
 
     Logs ``precision_switch_step`` once. Correct after resuming on either side of the switch.
+    A model without NVFP4 layers is refused (at ``bind`` and at train begin): there is nothing
+    to switch. So is a schedule that cannot take effect (see
+    :class:`~hf_nvfp4.integrations.switch.LateSwitch`: step 0 from a fraction, or at or after
+    ``max_steps``).
 
     >>> from hf_nvfp4 import PrecisionSwitchCallback
     >>> cb = PrecisionSwitchCallback(0.82)            # the last 18% of steps in BF16
@@ -39,7 +44,14 @@ class PrecisionSwitchCallback(LateSwitch, TrainerBound):
 
     owner = "PrecisionSwitchCallback"
 
+    def bind(self, trainer):
+        if getattr(trainer, "model", None) is not None:
+            require_converted(unwrap(trainer.model), self.owner)
+        return super().bind(trainer)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            require_converted(unwrap(model), self.owner)
         self._args = args
         self.resolve(state.max_steps)
         if self.tokens is not None and self.switch_step is None:

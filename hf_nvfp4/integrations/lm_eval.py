@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..formats.registry import PRECISIONS
-from ..nn.convert import temporary_precision
+from ..nn.convert import require_converted, temporary_precision
 from ._trainer import TrainerBound
 from .tokens import encode_pair, encode_prompt, encode_text
 
@@ -241,6 +241,8 @@ def evaluate_lm(
             "evaluate_lm: tokenizer is None; pass the tokenizer the model was trained with "
             "(hf-nvfp4's recipes use the byte tokenizer: transformers.ByT5Tokenizer())"
         )
+    if precision is not None:  # scores "in NVFP4" from a model that has no NVFP4 layer would be wrong
+        require_converted(model, f"evaluate_lm(precision={precision!r}) (None evaluates the model as it is)")
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}
     import lm_eval

@@ -41,6 +41,14 @@ class LateSwitch:
     The switch happens after the optimizer step numbered ``switch_step`` (1-based), so steps
     ``switch_step + 1`` onwards compute in ``to``.
 
+    Turning a fraction or a token count into ``switch_step``: a fraction ``f`` switches after step
+    ``floor(f * max_steps + 0.5)`` (the nearest step, halves up: 0.82 of 1000 -> 820, 0.25 of 10 ->
+    3); tokens switch after the first step by which that many tokens were consumed
+    (``ceil(tokens / tokens_per_step)``). A schedule that cannot take effect is refused once
+    ``max_steps`` is known, naming the values: a fraction or token count that comes out at step 0
+    (the whole run would be in ``to``; ``switch_at=0`` says so explicitly), and a switch at or after
+    the last step (``switch_step >= max_steps``: no step would run in ``to``).
+
     >>> from hf_nvfp4.integrations.switch import LateSwitch
     >>> LateSwitch(0.82).resolve(max_steps=1000)
     820
@@ -74,25 +82,62 @@ class LateSwitch:
                 raise ValueError(f"{o}: switch_at step must be >= 0, got {switch_at}")
             self.step = int(switch_at)
         self.switch_step: int | None = None
+        self.max_steps: int | None = None  # known after resolve(); checks the schedule
         self.switched = False
 
     def resolve(self, max_steps: int | None) -> int | None:
         """The step after which to switch; None while it depends on a first batch not seen yet."""
+        self.max_steps = max_steps if max_steps and max_steps > 0 else None
         if self.fraction is not None:
             if not max_steps or max_steps < 1:
                 raise ValueError(f"{self.owner}: a fractional switch_at needs max_steps (got {max_steps!r})")
-            self.switch_step = int(round(self.fraction * max_steps))
+            # nearest step, halves up (Python's round() would send 2.5 to 2); round(.., 9) drops float noise
+            self.switch_step = int(math.floor(round(self.fraction * max_steps, 9) + 0.5))
         elif self.step is not None:
             self.switch_step = self.step
         elif self.tokens_per_step:
             self.switch_step = int(math.ceil(self.tokens / self.tokens_per_step))
+        self._check()
         return self.switch_step
 
     def measure(self, tokens_per_step: int) -> int:
         """Fix a token-count switch from the tokens one optimizer step consumes (all processes)."""
         self.tokens_per_step = int(tokens_per_step)
         self.switch_step = int(math.ceil(self.tokens / self.tokens_per_step))
+        self._check()
         return self.switch_step
+
+    def describe(self) -> str:
+        """The schedule as the user gave it (for messages)."""
+        if self.fraction is not None:
+            return f"switch_at={self.fraction}"
+        if self.step is not None:
+            return f"switch_at={self.step}"
+        return f"tokens={self.tokens}" + (f", tokens_per_step={self.tokens_per_step}" if self.tokens_per_step else "")
+
+    def _check(self) -> None:
+        """Refuse a schedule that cannot take effect (see the class docstring)."""
+        step, max_steps, o = self.switch_step, getattr(self, "max_steps", None), self.owner
+        if step is None:
+            return
+        if step == 0 and self.fraction is not None:
+            raise ValueError(
+                f"{o}: {self.describe()} of max_steps={max_steps} is step {self.fraction * max_steps:.3g}, which "
+                f"rounds (to the nearest step) to step 0: the whole run would compute in {self.to}. Give "
+                f"switch_at >= {0.5 / max_steps:.3g} to switch after step 1 or later, or switch_at=0 (an int) to "
+                f"train in {self.to} from the start on purpose"
+            )
+        if step == 0 and self.tokens is not None:
+            raise ValueError(
+                f"{o}: {self.describe()} switches at step 0: the whole run would compute in {self.to}. Give a "
+                f"positive token count, or switch_at=0 (an int) to train in {self.to} from the start on purpose"
+            )
+        if max_steps is not None and step >= max_steps:
+            raise ValueError(
+                f"{o}: {self.describe()} switches after step {step}, but the run has max_steps={max_steps}: "
+                f"no step would compute in {self.to}, so the switch would never take effect. Give a step below "
+                f"{max_steps} (or a fraction in (0, 1) that comes out below it), or drop the switch"
+            )
 
     def due(self, completed_steps: int) -> bool:
         return self.switch_step is not None and not self.switched and completed_steps >= self.switch_step

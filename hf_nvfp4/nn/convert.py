@@ -142,8 +142,8 @@ def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> 
         raise TypeError(f"convert_model: model must be a torch.nn.Module, got {type(model).__name__}")
     recipe = as_recipe(config)
     check_format(recipe, recipe.format, "convert_model")
-    if getattr(model, "nvfp4_state", None) is not None or any(isinstance(m, NVFP4Linear) for m in model.modules()):
-        unconvert_model(model)  # re-plan the whole model: one recipe for every layer
+    # Validate everything first, on the model as it is (a converted model plans alike: NVFP4Linear is
+    # an nn.Linear, experts keep their parameters), so a refused recipe leaves a converted model as it was.
     plan = _plan(model, recipe)
     n_convert = sum(d == "convert" for d in plan.values())
     if n_convert == 0:
@@ -153,6 +153,11 @@ def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> 
             f"({len(plan)} candidates; reasons: {reasons or ['the model has no nn.Linear and no expert module']}). "
             "Lower bf16_first_blocks/bf16_last_blocks or narrow modules_to_not_convert."
         )
+    from .te_backend import select_backend
+
+    backend, why = select_backend(recipe, model)  # raises for backend="te" where TE cannot run
+    if is_converted(model):
+        unconvert_model(model)  # re-plan the whole model: one recipe for every layer
     state = NVFP4State(recipe, rank=_rank(rank))
     modules = dict(model.named_modules())
     converted = []
@@ -162,9 +167,6 @@ def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> 
             mod.__class__ = NVFP4Linear
             mod._init_nvfp4(state)
             converted.append(mod)
-    from .te_backend import select_backend
-
-    backend, why = select_backend(recipe, model)
     if backend == "te":
         from .te_backend import attach_te
 
@@ -185,6 +187,22 @@ def convert_model(model: nn.Module, config=None, *, rank: int | None = None) -> 
         logger.info("hf_nvfp4: converted %d of %d Linear layers (%s backend: %s)", len(converted), n_linear,
                     backend, why)
     return model
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` holds NVFP4 layers (NVFP4Linear or converted MoE experts)."""
+    return getattr(model, "nvfp4_state", None) is not None or any(isinstance(m, NVFP4Linear) for m in model.modules())
+
+
+def require_converted(model: nn.Module, what: str) -> None:
+    """Raise where ``what`` (a precision request) would silently do nothing: ``model`` has no NVFP4 layers."""
+    if not is_converted(model):
+        raise ValueError(
+            f"{what}: {type(model).__name__} has no NVFP4 layers (it was never converted, or was unconverted), "
+            "so it computes in high precision already and a precision request would do nothing. Convert it "
+            "first: hf_nvfp4.convert_model(model, hf_nvfp4.NVFP4Config()), from_pretrained(..., "
+            "quantization_config=NVFP4Config()) or hf_nvfp4.from_config"
+        )
 
 
 def unconvert_model(model: nn.Module) -> nn.Module:
@@ -210,7 +228,11 @@ def set_recipe(model: nn.Module, recipe=None, **changes) -> nn.Module:
 
     ``recipe``: a whole new NVFP4Config/NVFP4Recipe, or None to start from the current one;
     ``changes``: fields to replace. The model is re-planned (layer selection may change); the
-    precision switch is kept where the new recipe allows it.
+    precision switch is kept where the new recipe allows it (else reset, with a warning).
+    Atomic: the new recipe and the model's new plan are validated before anything changes, so a
+    refused recipe (an unknown field, ``bf16_first_blocks`` covering every block, a
+    ``modules_to_not_convert`` pattern matching nothing, ...) raises and leaves the model exactly
+    as it was: its layers, recipe, switch state and SR stream.
 
     >>> import torch.nn as nn, hf_nvfp4
     >>> m = hf_nvfp4.convert_model(nn.Sequential(nn.Linear(32, 32)), hf_nvfp4.NVFP4Config(bf16_last_blocks=0))
@@ -270,7 +292,8 @@ def set_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
 
     scope="all": all three GEMMs (the paper's late switch); scope="forward": Fprop only
     (the cheap variant that recovers most of the gap); scope="backward": Dgrad and Wgrad only
-    (the paper's control, which recovers nothing).
+    (the paper's control, which recovers nothing). A model without NVFP4 layers raises
+    ``ValueError`` (nothing to switch: it is not converted).
 
     >>> import torch.nn as nn, hf_nvfp4
     >>> m = hf_nvfp4.convert_model(nn.Sequential(nn.Linear(32, 32)), hf_nvfp4.NVFP4Config(bf16_last_blocks=0))
@@ -281,6 +304,8 @@ def set_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
         raise ValueError(f"set_precision: precision must be one of {PRECISIONS}, got {precision!r}")
     if scope not in SCOPES:
         raise ValueError(f"set_precision: scope must be one of {SCOPES}, got {scope!r}")
+    if not _states(model):
+        require_converted(model, f"set_precision(model, {precision!r})")
     n = 0
     for st in _states(model):
         if scope == "all":
@@ -293,5 +318,6 @@ def set_precision(model: nn.Module, precision: str, scope: str = "all") -> int:
     return n
 
 
-__all__ = ["NVFP4Recipe", "SCOPES", "convert_model", "find_blocks", "plan_conversion", "set_precision", "set_recipe",
-           "temporary_precision", "unconvert_model", "module_matches"]
+__all__ = ["NVFP4Recipe", "SCOPES", "convert_model", "find_blocks", "is_converted", "plan_conversion",
+           "require_converted", "set_precision", "set_recipe", "temporary_precision", "unconvert_model",
+           "module_matches"]
