@@ -9,6 +9,7 @@ its tests and restores the file. Your tree is never edited.
     python tools/mutate.py                 # every mutation; prints the killed/survived table
     python tools/mutate.py --list          # the mutations, without running anything
     python tools/mutate.py --only switch   # those whose id contains "switch"
+    python tools/mutate.py --tests-from main~5   # the mutated code against an older revision's tests/
 
 Exit status: 0 when every mutation is killed, 1 when one survives, 2 when a snippet is missing (the
 code moved: update its entry) or the unmutated tests fail. CI does not run it (docs/testing.md).
@@ -94,6 +95,38 @@ MUTATIONS = [
              "int(n_blocks * PAPER_FP8_BF16_LAST / PAPER_FP8_BLOCKS)",
              (T + "test_bf16_block_shares_are_rounded_not_truncated",),
              "the FP8 baseline's last-block share truncated"),
+    # -- bugs the old weak assertions let through (finite, not None, key present, rtol 0.3) ------
+    Mutation("mx_scale_exponent_plus_one", "hf_nvfp4/formats/mx.py",
+             "exp = ceil_log2_exponent(d)\n", "exp = ceil_log2_exponent(d) + 1\n",
+             ("tests/test_linear.py::test_other_formats_and_bf16_through_same_machinery",),
+             "MX block scales one power of two too large (Fprop was compared with the same code)"),
+    Mutation("fp8_block_fp32_scales_by_default", "hf_nvfp4/formats/fp8.py",
+             '"0") != "1"', '"0") == "1"',
+             ("tests/test_linear.py::test_other_formats_and_bf16_through_same_machinery",),
+             "FP8 block scales not powers of two by default (TE's default is pow2)"),
+    Mutation("weight_tile_ignored", "hf_nvfp4/ops/recipe.py",
+             "tile = fmt.weight_tile if two_d else fmt.act_tile", "tile = fmt.act_tile",
+             ("tests/test_convert.py::test_convert_hf_models[llama]",
+              "tests/test_fast_paths.py::test_plan_without_cache_still_works"),
+             "2D weight scaling silently off (the converted model's loss stayed finite)"),
+    Mutation("rht_weight_keeps_2d_tiles", "hf_nvfp4/ops/recipe.py",
+             "and fmt.weight_tile is not None and not rht", "and fmt.weight_tile is not None",
+             ("tests/test_science.py::test_negative_controls_and_switch_scopes_in_the_role_table",),
+             "a weight under RHT quantized in 2D tiles (the negative control's rtol 0.3 passed)"),
+    Mutation("rht_sum_order", "hf_nvfp4/formats/hadamard.py",
+             "lanes = min(4, size)", "lanes = min(2, size)",
+             ("tests/test_edges.py::test_rht_keeps_the_padded_basis",
+              "tests/test_formats.py::test_mxfp4_rht_size_and_2d_tiles_take_effect"),
+             "the transform summed in another order: other bits than documented (tolerances passed)"),
+    Mutation("diagnose_bf16_floor_weight_unrounded", "hf_nvfp4/integrations/diagnose.py",
+             'out["fprop_relerr_bf16"] = _rel(_bf16(x) @ _bf16(w).t(), refs["fprop"])',
+             'out["fprop_relerr_bf16"] = _rel(_bf16(x) @ w.t(), refs["fprop"])',
+             ("tests/test_science.py::test_diagnose_returns_every_metric_for_every_layer_and_gemm",),
+             "diagnose's BF16 floor leaves the weight unrounded (0 < floor < relerr < 1 passed)"),
+    Mutation("export_rel_change_vs_master", "hf_nvfp4/integrations/export.py",
+             '"rel_change": _rel(b - a, a)', '"rel_change": _rel(b - a, w)',
+             ("tests/test_export.py::test_compressed_tensors_layout_is_the_training_quantization",),
+             "the export report's rel_change relative to the master weights (0 < x < 1 passed)"),
 ]
 
 
@@ -124,23 +157,29 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="run the mutations whose id contains this string")
     p.add_argument("--list", action="store_true", help="list the mutations and exit")
     p.add_argument("--timeout", type=int, default=600, help="seconds per pytest run (default 600)")
+    p.add_argument("--tests-from", metavar="REV", help="use tests/ of this git revision (did older tests catch it?)")
     p.add_argument("-v", "--verbose", action="store_true", help="print pytest's output tail of each run")
     args = p.parse_args(argv)
     muts = [m for m in MUTATIONS if not args.only or args.only in m.id]
     if args.list or not muts:
         for m in muts:
-            print(f"{m.id:28s} {m.file}: {m.why}")
+            print(f"{m.id:38s} {m.file}: {m.why}")
         return 0 if muts else 2
     with tempfile.TemporaryDirectory(prefix="hf-nvfp4-mutate-") as tmp:
         tree = Path(tmp)
         _copy_tree(tree)
+        if args.tests_from:
+            shutil.rmtree(tree / "tests")
+            tar = subprocess.run(["git", "archive", args.tests_from, "tests"], cwd=ROOT, capture_output=True,
+                                 check=True)
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=tar.stdout, check=True)
         missing = [m.id for m in muts if (tree / m.file).read_text().count(m.original) != 1]
         if missing:
             print(f"snippet not found exactly once (code moved? update the entry): {missing}")
             return 2
-        base_tests = sorted({t for m in muts for t in m.tests})
+        base_tests = sorted({t for m in muts for t in m.tests if (tree / t.split("::")[0]).is_file()})
         rc, secs, tail = _pytest(tree, base_tests, args.timeout)
-        if rc != 0:
+        if rc not in (0, 4) if args.tests_from else rc != 0:  # an older tests/ may lack a test (rc 4)
             print(f"the unmutated tree fails its tests (rc {rc}); fix that first:\n{tail}")
             return 2
         print(f"unmutated: {len(base_tests)} test(s) pass ({secs:.0f} s)\n")
@@ -154,7 +193,10 @@ def main(argv=None) -> int:
                 rc, secs, tail = _pytest(tree, m.tests, args.timeout)
             finally:
                 path.write_text(text)
-            result = "survived" if rc == 0 else "killed" if rc == 1 else f"killed (pytest rc {rc})"
+            if rc in (4, 5):  # pytest: usage error (no such test) or nothing collected
+                result, rc = "no such test", 0
+            else:
+                result = "survived" if rc == 0 else "killed" if rc == 1 else f"killed (pytest rc {rc})"
             if rc == 0:
                 survived.append(m.id)
             print(f"| {m.id} | {m.file} | {result} | {secs:.0f} |", flush=True)
