@@ -135,3 +135,15 @@ def test_bf16_block_shares_are_rounded_not_truncated():
         assert NVFP4Recipe().resolved_bf16_blocks(n) == (0, last), n
     for n, want in [(16, (0, 1)), (31, (1, 1)), (46, (1, 1)), (47, (1, 2)), (62, (1, 2))]:
         assert paper_fp8_bf16_blocks(n) == want, n  # 31: 0.5 -> 1 and 1.0 -> 1; 47: 0.76 -> 1, 1.52 -> 2
+
+
+# --------------------------------------------------------------------------- the property suite runs in CI
+def test_hypothesis_is_a_declared_test_dependency():
+    """tests/test_properties.py imports hypothesis plainly: the [test] extra (what CI installs) declares it."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    extra = re.search(r"^test = \[(.*)\]$", text, re.M)
+    assert extra and re.search(r'"hypothesis[>=<~ \d.]*"', extra.group(1)), "add hypothesis to the [test] extra"
+    assert "importorskip" not in (Path(__file__).parent / "test_properties.py").read_text()
