@@ -154,13 +154,14 @@ def _pytest(tree: Path, tests, timeout: int) -> tuple[int, float, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", help="run the mutations whose id contains this string")
+    p.add_argument("--only", help="run the mutations whose id contains this string (or one of a,b,c)")
     p.add_argument("--list", action="store_true", help="list the mutations and exit")
     p.add_argument("--timeout", type=int, default=600, help="seconds per pytest run (default 600)")
     p.add_argument("--tests-from", metavar="REV", help="use tests/ of this git revision (did older tests catch it?)")
     p.add_argument("-v", "--verbose", action="store_true", help="print pytest's output tail of each run")
     args = p.parse_args(argv)
-    muts = [m for m in MUTATIONS if not args.only or args.only in m.id]
+    only = [w for w in (args.only or "").split(",") if w]
+    muts = [m for m in MUTATIONS if not only or any(w in m.id for w in only)]
     if args.list or not muts:
         for m in muts:
             print(f"{m.id:38s} {m.file}: {m.why}")
