@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import reference as ref
 import torch
 import torch.nn as nn
 from models import tiny
@@ -27,10 +28,35 @@ def test_convert_hf_models(arch):
     assert type(model.lm_head) is nn.Linear
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # each kind of converted layer (its name within a block): Fprop equals the numpy reference
+    # on the input it received (one of each kind keeps the slow reference cheap)
+    seen, kinds = [], {}
+    for n, m in model.named_modules():
+        if isinstance(m, NVFP4Linear):
+            kinds.setdefault(n.split(".", 3)[-1], m)
+
+    def check(mod, args, out):
+        x2, w = args[0].detach().reshape(-1, mod.in_features), mod.weight.detach()
+        want = _deq(x2) @ _deq(w, (16, 16)).T + (0 if mod.bias is None else mod.bias.detach().double())
+        err = (out.detach().reshape(want.shape).double() - want).abs().max().item()
+        assert err <= 2e-5 * max(1.0, want.abs().max().item()), (mod, err)
+        seen.append(mod)
+
+    hooks = [m.register_forward_hook(check) for m in kinds.values()]
     ids = torch.randint(0, 256, (2, 24))
     out = model(input_ids=ids, labels=ids)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(hooks) > 0
+    want = nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 256).float(), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, want)
     out.loss.backward()
-    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _deq(t, tile=(1, 16)):
+    codes, scale, amax = ref.nvfp4(t, tile=tile)
+    return torch.from_numpy(ref.nvfp4_dequant(codes, scale, amax)).double()
 
 
 def test_skip_rules_and_plain_modules():

@@ -1,5 +1,6 @@
 """The three GEMMs against compositions of the independent numpy reference quantizer."""
 
+import numpy as np
 import pytest
 import reference as ref
 import torch
@@ -25,6 +26,39 @@ def run(x, w, b, recipe, dy):
     y = quantized_linear(x, w, b, recipe)
     y.backward(dy)
     return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+def mx_deq(t, tile, elem_max):
+    """MX blocks by hand (E2M1 for elem_max 6, E4M3 for 448): scale = 2^ceil(log2(vmax / elem_max))
+    per tile, elements rounded to nearest even; partial tiles are cut, which equals zero padding."""
+    a = t.float().numpy()
+    out = np.empty(a.shape, dtype=np.float64)
+    bm, bk = tile
+    for i in range(0, a.shape[0], bm):
+        for j in range(0, a.shape[1], bk):
+            blk = a[i : i + bm, j : j + bk]
+            vmax = np.float32(np.abs(blk).max())
+            d = vmax / np.float32(6) if elem_max == 6 else vmax * np.float32(1 / 448)
+            scale = np.ldexp(np.float32(1), ref.ceil_log2(float(np.float32(d))))
+            v = np.clip(blk * (np.float32(1) / np.float32(scale)), -elem_max, elem_max).astype(np.float32)
+            if elem_max == 6:
+                codes = ref.e2m1_codes(v)
+                vals = ref.E2M1[codes & 7] * np.where(codes >= 8, -1.0, 1.0)
+            else:
+                vals = np.sign(v) * ref.e4m3_round(np.abs(v))
+            out[i : i + bm, j : j + bk] = vals * np.float64(scale)
+    return torch.from_numpy(out)
+
+
+def ref_deq(fmt, t, tile, rht=False):
+    """The reference quantize-dequantize of one GEMM operand (blocks along its last dim)."""
+    if fmt == "fp8_tensor":
+        return torch.from_numpy(ref.fp8_current(t, None, False)).double()
+    if fmt == "fp8_block":  # TE's default: power-of-two scales
+        return torch.from_numpy(ref.fp8_current(t, tile, True)).double()
+    if rht:  # 16-point transform of the zero-padded operand (padded to the 32-element block)
+        t = ref.rht16(torch.nn.functional.pad(t, (0, (-t.shape[-1]) % 32)))
+    return mx_deq(t, tile, 6 if fmt == "mxfp4" else 448)
 
 
 def close(a, b, tol=2e-5):
@@ -132,13 +166,16 @@ def test_saves_packed_not_bf16_copy():
 
 def test_other_formats_and_bf16_through_same_machinery(data):
     x, w, b, dy = data
-    for fmt in ("mxfp4", "fp8_block", "fp8_tensor", "mxfp8"):
+    # act tile, weight tile (2D where the format has one) and RHT on Wgrad, from the paper's recipes
+    tiles = {"mxfp4": ((1, 32), (32, 32), True), "fp8_block": ((1, 128), (128, 128), False),
+             "fp8_tensor": (None, None, False), "mxfp8": ((1, 32), (1, 32), False)}
+    for fmt, (at, wt, rht) in tiles.items():
         r = NVFP4Recipe.for_format(fmt, disable_stochastic_rounding=True)
         y, dx, dw, db = run(x, w, b, GemmPlan.from_recipe(r), dy)
-        f = hf_nvfp4.get_format(fmt)
-        wt = f.weight_tile or f.act_tile
-        close(y, f.fake_quantize(x).double() @ f.fake_quantize(w, tile=wt).double().T + b.double(), 1e-4)
-        assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+        close(y, ref_deq(fmt, x, at) @ ref_deq(fmt, w, wt).T + b.double())
+        close(dx, ref_deq(fmt, dy, at) @ ref_deq(fmt, w.T.contiguous(), wt).T)  # blocks along N
+        close(dw, ref_deq(fmt, dy.T.contiguous(), at, rht) @ ref_deq(fmt, x.T.contiguous(), at, rht).T)  # along M
+        close(db, dy.sum(0))
     y, dx, dw, db = run(x, w, b, plan("bf16", "bf16"), dy)
     close(y, x.double() @ w.double().T + b.double(), 1e-5)
     # forward-only switch: Fprop in bf16, backward still NVFP4
