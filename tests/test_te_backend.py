@@ -1,11 +1,18 @@
 """The Transformer Engine adapter (hf_nvfp4/nn/te_backend.py) against a TE STAND-IN, and against real TE.
 
-Real TE cannot be installed here (no CUDA). tests/te_standin mirrors the TE 2.20 API the
-adapter calls and TE's preconditions and error texts, and computes with the emulated
-GEMMs; it runs on the CPU, so the adapter's TE device type is switched to "cpu" for these
-tests (te_backend._TE_DEVICE_TYPE, its one seam). Passing them checks the adapter's side of
-the contract; it does not verify TE. The last test runs real TE on a Blackwell GPU and is
-skipped everywhere else.
+Real TE cannot be installed here (no CUDA). tests/te_standin is a contract read from TE's
+source at d0067d0da: the API the adapter calls, the preconditions TE enforces on the tensors
+it is given (with TE's error texts) and TE's numerics, from its own small implementation of
+TE's reference quantizers (it does not import hf_nvfp4). It runs on the CPU, so the adapter's
+TE device type is switched to "cpu" for these tests (te_backend._TE_DEVICE_TYPE, its one seam).
+
+"The TE path equals the emulation" is therefore a comparison of two implementations: the
+quantized operands are bit-identical (test_standin_operands_are_the_emulations), while GEMM
+outputs agree to the output dtype's rounding (the stand-in rounds once after an fp32 GEMM, as
+cuBLAS does; the emulation's bf16 GEMM rounds, then scales). The backward passes use a fixed
+upstream gradient so that both backends quantize the same gradient. Passing these checks the
+adapter against TE's source; it does not verify TE. The last test runs real TE on a Blackwell
+GPU and is skipped everywhere else.
 """
 
 from __future__ import annotations
@@ -97,14 +104,32 @@ def _run(model, x, autocast=torch.bfloat16):
     ctx = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
     with ctx:
         y = model(x)
-    y.float().square().sum().backward()
+    # a fixed upstream gradient (not one computed from y): both backends then quantize the same dy
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    y.backward(g)
     grads = [p.grad.clone() for p in model.parameters()]
     return y.detach(), x.grad, grads
 
 
+def _close(p, q, eps: float, equal_nan=False):
+    """Equal up to the rounding of one GEMM output: the stand-in rounds once (cuBLAS), the emulation
+    may round twice (bf16 GEMM, then the per-tensor factors): 2 epsilons of the compute dtype."""
+    scale = q.detach().float().nan_to_num().abs().max().item() if q.numel() else 0.0
+    torch.testing.assert_close(p, q, rtol=2 * eps, atol=2 * eps * scale, equal_nan=equal_nan)
+
+
 def _assert_same(a, b, equal_nan=False):
+    """Outputs, input gradient and parameter gradients of two ``_run`` results agree."""
+    eps = torch.finfo(b[0].dtype).eps  # y is in the compute dtype
     for p, q in zip([*a[:2], *a[2]], [*b[:2], *b[2]], strict=True):
-        torch.testing.assert_close(p, q, **EXACT, equal_nan=equal_nan)
+        _close(p, q, eps, equal_nan)
+
+
+def _close_rel(a, b, rel_tol):
+    # TE's assert_close_relative (tests/pytorch/nvfp4/test_nvfp4_module_exact.py): relative Frobenius error
+    a, b = a.detach().float(), b.detach().float()
+    rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    assert rel <= rel_tol, f"relative error {rel:.5f} > {rel_tol}"
 
 
 NO_SR = dict(backend="te", disable_stochastic_rounding=True, bf16_last_blocks=0)
@@ -121,6 +146,10 @@ def test_from_pretrained_first_forward_uses_loaded_weights(standin, tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(
         tmp_path, quantization_config=NVFP4Config(**{**NO_SR, "backend": "emulated"})
     )
+    first = {}
+    for name, m in (("te", model), ("emulated", ref)):
+        lin = next(x for x in m.modules() if isinstance(x, NVFP4Linear))
+        lin.register_forward_hook(lambda mod, i, o, name=name: first.setdefault(name, o.detach()))
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out, exp = model(ids).logits, ref(ids).logits
@@ -129,7 +158,10 @@ def test_from_pretrained_first_forward_uses_loaded_weights(standin, tmp_path):
     assert len(standin.linear.CALLS) == len(layers)
     for m in layers:
         assert m._te_module.weight is m.weight and m.weight.device.type == "cpu"
-    torch.testing.assert_close(out, exp, **EXACT)
+    # The first GEMM sees the same input in both: equal up to one rounding. Later layers' inputs
+    # differ by those roundings, which move NVFP4 codes; logits from wrong weights would be ~1.4 away.
+    _close(first["te"], first["emulated"], torch.finfo(torch.bfloat16).eps)
+    _close_rel(out, exp, 0.5)
 
 
 @pytest.mark.parametrize("swap", ["load_state_dict_assign", "setattr"])
@@ -158,7 +190,7 @@ def test_odd_token_counts_are_padded_exactly(standin, caplog):
     x = torch.randn(1, 5, 64)
     _assert_same(_run(model, x), _run(ref, x))
     _run(model, torch.randn(3, 7, 64))
-    assert [s for _, s in standin.linear.CALLS] == [(16, 64), (32, 64)]
+    assert [s for _, s in standin.linear.CALLS] == [(128, 64), (128, 64)]  # TE's NVFP4 alignment
     assert sum("zero padded" in r.message for r in caplog.records) == 1
 
 
@@ -169,8 +201,9 @@ def test_generate_one_new_token(standin):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.generate(ids, max_new_tokens=1, do_sample=False)
         exp = ref.generate(ids, max_new_tokens=1, do_sample=False)
-    assert out.shape == (1, 6) and torch.equal(out, exp)
-    assert standin.linear.CALLS and all(s[0] % 16 == 0 for _, s in standin.linear.CALLS)
+    # the new token itself may differ: two layers of rounding differences move NVFP4 codes
+    assert out.shape == exp.shape == (1, 6) and torch.equal(out[:, :5], ids)
+    assert standin.linear.CALLS and all(s[0] % 128 == 0 for _, s in standin.linear.CALLS)
 
 
 # -- 3. dtypes ----------------------------------------------------------------------------------------
@@ -291,7 +324,7 @@ def test_nvte_variables_do_not_change_the_recipe(standin, monkeypatch):
     model, ref = _pair(NVFP4Config(**NO_SR))
     x = torch.randn(16, 64)
     _assert_same(_run(model, x), _run(ref, x))
-    r = model[0]._te_recipes["nvfp4", None][0]
+    r = model[0]._te_recipes["nvfp4", None, torch.bfloat16][0]
     assert (r.backward_override, r.row_scaled_activation, r.nvfp4_4over6, r.nvfp4_4over6_err_mode) == (
         None,
         False,
@@ -303,7 +336,7 @@ def test_nvte_variables_do_not_change_the_recipe(standin, monkeypatch):
     standin.set((9, 0))
     model, ref = _pair(NVFP4Recipe.for_format("fp8_tensor", backend="te", bf16_last_blocks=0))
     _assert_same(_run(model, x), _run(ref, x))
-    r = model[0]._te_recipes["fp8_tensor", None][0]
+    r = model[0]._te_recipes["fp8_tensor", None, torch.bfloat16][0]
     assert not r.fp8_quant_fwd_inp.power_2_scale and r.backward_override is None
 
 
@@ -383,13 +416,6 @@ def test_unconvert_removes_all_te_attributes(standin):
 # -- real Transformer Engine (Blackwell); skipped without it -----------------------------------------------------
 
 REAL_TE, REAL_TE_REASON = _real_te()
-
-
-def _close_rel(a, b, rel_tol):
-    # TE's assert_close_relative (tests/pytorch/nvfp4/test_nvfp4_module_exact.py): relative Frobenius error
-    a, b = a.detach().float(), b.detach().float()
-    rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-    assert rel <= rel_tol, f"relative error {rel:.5f} > {rel_tol}"
 
 
 @pytest.mark.skipif(not REAL_TE, reason=f"Transformer Engine backend unavailable: {REAL_TE_REASON}")

@@ -32,8 +32,9 @@ import os
 
 import torch
 
+from ..formats.registry import te_support
 from ..ops.recipe import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES
-from .te_recipes import build_recipe, layer_unsupported, needs_bf16, te_recipe_kwargs, token_multiple
+from .te_recipes import build_te_recipe, compute_dtype_reason, layer_unsupported, te_recipe_kwargs, token_multiple
 
 __all__ = ["attach_te", "detach_te", "select_backend", "te_forward", "te_recipe_kwargs", "te_status"]
 
@@ -41,12 +42,6 @@ logger = logging.getLogger("hf_nvfp4")
 MIN_TE = (2, 8)
 SR_FIX_TE = (2, 19)  # TE PR #3281 (merged 2026-08-12, after v2.18): SR on GPUs without cvt.rs
 _TE_DEVICE_TYPE = "cuda"  # the device TE computes on; tests with the TE stand-in set "cpu"
-_CHECKS = {  # precision -> TE's support check (quantization.py; fp8.py on TE 2.8)
-    "nvfp4": "check_nvfp4_support",
-    "fp8_tensor": "check_fp8_support",
-    "fp8_block": "check_fp8_block_scaling_support",
-    "mxfp8": "check_mxfp8_support",
-}
 SR_CAVEAT = (
     "hf_nvfp4: under Transformer Engine, stochastic rounding draws from the default CUDA generator: "
     "NVFP4Config.seed does not apply; torch.cuda.manual_seed / transformers.set_seed and the CUDA RNG "
@@ -115,15 +110,16 @@ def nvfp4_capability_reason(capability: tuple[int, int], version: str, stochasti
 
 
 def _te_check(precision: str) -> tuple[bool, str]:
+    check = te_support(precision).check  # TE's support check (quantization.py; fp8.py on TE 2.8)
     for mod_name in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
         try:
-            fn = getattr(importlib.import_module(mod_name), _CHECKS[precision], None)
+            fn = getattr(importlib.import_module(mod_name), check, None)
         except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA install
             continue
         if fn is not None:
             ok, reason = fn()
             return bool(ok), str(reason or "")
-    return False, f"this Transformer Engine has no {_CHECKS[precision]}"
+    return False, f"this Transformer Engine has no {check}"
 
 
 def te_status(precision: str = "nvfp4", stochastic: bool = True) -> tuple[bool, str]:
@@ -140,7 +136,7 @@ def te_status(precision: str = "nvfp4", stochastic: bool = True) -> tuple[bool, 
         return False, f"transformer_engine {version} is older than 2.8 (no NVFP4BlockScaling)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    if precision not in _CHECKS:
+    if te_support(precision) is None:
         return False, f"Transformer Engine has no recipe for {precision!r}"
     cap = tuple(torch.cuda.get_device_capability())
     ok, reason = _te_check(precision)
@@ -203,9 +199,10 @@ def detach_te(layer) -> None:
         del layer.__dict__[name]
 
 
-def _config(layer):
+def _recipe_of(layer):
+    """The layer's frozen numerics recipe (not a TE recipe)."""
     state = layer.nvfp4_state
-    return getattr(state, "recipe", None) or state.config  # frozen recipe (issue 10) or the config
+    return getattr(state, "recipe", None) or state.config
 
 
 def _bound_module(layer, te):
@@ -222,12 +219,13 @@ def _bound_module(layer, te):
     return mod
 
 
-def _recipe(layer, recipe_mod, cfg, precision, fwd):
+def _te_recipe(layer, te_recipe_mod, recipe, precision, fwd, compute_dtype):
+    """(TE recipe, None) or (None, why), cached per (precision, forward precision, compute dtype)."""
     cache = layer.__dict__.setdefault("_te_recipes", {})
-    key = (precision, fwd)
+    key = (precision, fwd, compute_dtype)
     if key not in cache:
         why = layer_unsupported(precision, layer.in_features, layer.out_features)
-        cache[key] = (None, why) if why else build_recipe(recipe_mod, cfg, precision, fwd)
+        cache[key] = (None, why) if why else build_te_recipe(te_recipe_mod, recipe, precision, fwd, compute_dtype)
     return cache[key]
 
 
@@ -251,7 +249,14 @@ def _autocast(te, recipe):
 
 
 def te_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """``layer(x)`` through TE, or None when this call must run on the emulated path."""
+    """``layer(x)`` through TE, or None when this call must run on the emulated path.
+
+    Under autocast, ``x`` is cast to the compute dtype here, as ``nn.Linear`` would: TE's
+    quantized path quantizes its input without casting it (module/linear.py:426-437 at
+    d0067d0da; the AMP cast is only in the unquantized branch, :439), so an fp32 activation
+    (Llama's RMSNorm output under bf16 autocast) would reach the NVFP4 quantizer as fp32. The
+    emulated path quantizes the same cast tensor (ops/linear.py).
+    """
     precision, fwd = layer.precision, layer.forward_precision
     fwd = None if fwd == precision else fwd
     if precision == "bf16" and fwd is None:
@@ -265,12 +270,18 @@ def te_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
             x.device,
         )
         return None
-    cfg = _config(layer)
-    ok, reason = te_status(precision, not cfg.disable_stochastic_rounding)
-    recipe = None
+    recipe = _recipe_of(layer)
+    ok, reason = te_status(precision, not recipe.disable_stochastic_rounding)
+    in_autocast = torch.is_autocast_enabled(dev)
+    cdtype = torch.get_autocast_dtype(dev) if in_autocast else x.dtype
+    te_recipe = None
     if ok:
-        recipe, reason = _recipe(layer, _te()[1], cfg, precision, fwd)
-    if recipe is None:
+        reason = compute_dtype_reason(recipe, precision, cdtype)
+        if reason is not None:
+            say_once(f"dtype-{precision}-{cdtype}", logging.WARNING, "hf_nvfp4: %s", reason)
+            return None
+        te_recipe, reason = _te_recipe(layer, _te()[1], recipe, precision, fwd, cdtype)
+    if te_recipe is None:
         say_once(
             f"recipe-{precision}-{fwd}-{reason}",
             logging.WARNING,
@@ -280,20 +291,10 @@ def te_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
             reason,
         )
         return None
-    in_autocast = torch.is_autocast_enabled(dev)
-    cdtype = torch.get_autocast_dtype(dev) if in_autocast else x.dtype
-    if needs_bf16(cfg, precision) and cdtype != torch.bfloat16:
-        say_once(
-            f"rht-{cdtype}",
-            logging.WARNING,
-            "hf_nvfp4: TE's RHT takes bf16 input only (quantizer.cpp), this model computes in %s: those "
-            "calls run on the emulated path (train under torch.autocast('cuda', dtype=torch.bfloat16) to "
-            "use TE, or set disable_rht=True)",
-            cdtype,
-        )
-        return None
     cast = contextlib.nullcontext()
-    if not in_autocast and layer.weight.dtype != x.dtype:
+    if in_autocast:
+        x = x.to(cdtype)  # what TE's quantizers receive; differentiable, so dx returns in x's dtype
+    elif layer.weight.dtype != x.dtype:
         if x.dtype not in (torch.bfloat16, torch.float16):
             say_once(
                 f"dtype-{x.dtype}-{layer.weight.dtype}",
@@ -310,17 +311,19 @@ def te_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     lead, k = x.shape[:-1], x.shape[-1]
     m = math.prod(lead)
     x2 = x.reshape(m, k)
-    pad = (-m) % token_multiple(precision)
+    multiple = token_multiple(precision)
+    pad = (-m) % multiple
     if pad:
         say_once(
             f"pad-{precision}",
             logging.INFO,
-            "hf_nvfp4: TE needs token counts divisible by %d; other counts (generate(), odd batches) are "
-            "zero padded in the adapter and sliced back",
-            token_multiple(precision),
+            "hf_nvfp4: TE's %s operations take token counts divisible by %d (the token dim is the K of the "
+            "Wgrad GEMM); other counts (generate(), odd batches) are zero padded in the adapter and sliced back",
+            precision,
+            multiple,
         )
         x2 = torch.cat([x2, x2.new_zeros(pad, k)])
-    with cast, _autocast(te, recipe):
+    with cast, _autocast(te, te_recipe):
         y = mod(x2)
     if pad:
         y = y[:m]
