@@ -18,6 +18,7 @@ GPU and is skipped everywhere else.
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -236,6 +237,91 @@ def test_fp16_autocast_with_rht_runs_emulated(standin):
     # equal_nan: the emulated GEMM itself overflows fp16 here (operand values reach 2688)
     _assert_same(_run(model, x, autocast=torch.float16), _run(ref, x, autocast=torch.float16), equal_nan=True)
     assert standin.linear.CALLS == []
+
+
+# -- 3b. what TE's source says about dtypes and alignment (issue: first Blackwell run) --------------------
+
+
+def test_fp32_input_under_bf16_autocast_reaches_te_as_bf16(standin):
+    """The Trainer's bf16=True: fp32 parameters, fp32 activations (Llama's RMSNorm), bf16 autocast.
+    TE's quantized path does not cast its input, and its RHT takes bf16 only."""
+    model, ref = _pair(NVFP4Config(**NO_SR))  # RHT on
+    x = torch.randn(2, 64, 64)
+    _assert_same(_run(model, x), _run(ref, x))
+    assert [c for c, _ in standin.linear.CALLS] == ["NVFP4BlockScaling"]
+    assert x.dtype == torch.float32 and model[0].weight.grad.dtype == torch.float32
+
+
+def test_late_switch_fprop_is_a_bf16_gemm(standin):
+    """IdentityQuantizer(dtype=None) keeps each tensor's dtype: fp32 master weights met a bf16 input."""
+    model, ref = _pair(NVFP4Config(**NO_SR, disable_rht=True))
+    for m in (model, ref):
+        hf_nvfp4.set_precision(m, "bf16", scope="forward")
+    x = torch.randn(128, 64)
+    _assert_same(_run(model, x), _run(ref, x))
+    for m in (model, ref):
+        m.zero_grad(set_to_none=True)
+    _assert_same(_run(model, x, autocast=None), _run(ref, x, autocast=None))  # fp32 compute: fp32 Fprop
+    fprops = [g for g in standin.linear.GEMMS if g[0] == "fprop"]
+    assert fprops == [("fprop", "torch.bfloat16", torch.bfloat16), ("fprop", "torch.float32", torch.float32)]
+    assert {k[2] for k in model[0]._te_recipes} == {torch.bfloat16, torch.float32}  # one TE recipe per dtype
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_fp16_nvfp4_runs_emulated_without_rht_too(standin, late):
+    """TE: "FP4 GEMM does not support FP16 output!" (cublaslt_gemm.cu), RHT or not, late switch included."""
+    model, ref = _pair(NVFP4Config(**NO_SR, disable_rht=True))
+    if late:
+        for m in (model, ref):
+            hf_nvfp4.set_precision(m, "bf16", scope="forward")
+    x = torch.randn(128, 64)
+    _assert_same(_run(model, x, autocast=torch.float16), _run(ref, x, autocast=torch.float16), equal_nan=True)
+    assert standin.linear.CALLS == []
+
+
+def test_tokens_padded_to_te_nvfp4_alignment(standin):
+    """The token dim is the packed-FP4 K of the Wgrad GEMM: padding to 16 is not enough for cuBLAS."""
+    model, ref = _pair(NVFP4Config(**NO_SR))
+    x = torch.randn(1, 5, 64).bfloat16()  # 5 tokens, already in the compute dtype
+    _assert_same(_run(model, x), _run(ref, x))
+    assert [s for _, s in standin.linear.CALLS] == [(128, 64)]
+    assert all(g[1] == "quantized" for g in standin.linear.GEMMS)
+
+
+def test_standin_operands_are_the_emulations():
+    """The stand-in's own quantizers (read from TE's reference) give the emulation's operand bits."""
+    sys.path.insert(0, str(STANDIN))
+    try:
+        numerics = importlib.import_module("transformer_engine._numerics")
+    finally:
+        sys.path.remove(str(STANDIN))
+    from hf_nvfp4.formats import get_format
+
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 5
+    x[1, :16] = 0
+    for tile in ((1, 16), (16, 16)):
+        q = numerics.nvfp4(x, tile)
+        assert torch.equal(q.vals * q.g, hf_nvfp4.quantize_nvfp4(x, tile=tile).dequantize())
+    xb = x.bfloat16()
+    q = numerics.nvfp4(numerics.rht16(xb), (1, 16))
+    assert torch.equal(q.vals * q.g, hf_nvfp4.quantize_nvfp4(xb, rht=True).dequantize())
+    q = numerics.fp8_tensor(x)
+    assert torch.equal(q.vals * q.g, get_format("fp8_tensor").fake_quantize(x))
+    for tile in ((1, 128), (128, 128)):
+        assert torch.equal(numerics.fp8_block(x, tile, True).vals, get_format("fp8_block").fake_quantize(x, tile=tile))
+    assert torch.equal(numerics.mxfp8(x).vals, get_format("mxfp8").fake_quantize(x))
+    assert "hf_nvfp4" not in Path(numerics.__file__).read_text().replace("imports hf_nvfp4", "")
+
+
+def test_standin_support_checks_keep_cuda_conditions(standin):
+    q = importlib.import_module("transformer_engine.pytorch.quantization")
+    standin.set((8, 9))
+    assert q.check_fp8_support() == (True, "")
+    q.CUBLASLT_VERSION = 120000
+    assert "CublasLt version 12.1.3" in q.check_fp8_support()[1]
+    q.CUBLASLT_VERSION, q.CUDA_VERSION = 120900, 12.8
+    standin.set((9, 0))
+    assert "CUDA >= 12.9" in q.check_fp8_block_scaling_support()[1]
 
 
 # -- 4. which GPUs and TE versions are accepted --------------------------------------------------------
