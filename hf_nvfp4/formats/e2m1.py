@@ -6,6 +6,8 @@ here is written with elementwise ops only so that torch.compile can fuse it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E2M1_MAX = 6.0
@@ -81,7 +83,12 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).view(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+@functools.cache
+def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # built once per device and dtype: a table made per call would be a host-to-device copy each time
+    return torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=dtype, device=device)
+
+
 def values_from_codes(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Signed E2M1 values of codes 0..15 (code 8 is -0.0)."""
-    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=dtype, device=codes.device)
-    return lut[codes.long()]
+    return _lut(codes.device, dtype)[codes.long()]
