@@ -324,6 +324,16 @@ def test_standin_support_checks_keep_cuda_conditions(standin):
     assert "CUDA >= 12.9" in q.check_fp8_block_scaling_support()[1]
 
 
+def test_coverage_says_experts_run_emulated_on_te(standin):
+    from models import tiny_moe
+
+    model = hf_nvfp4.convert_model(tiny_moe("mixtral", layers=1), NVFP4Config(**NO_SR))
+    cov = hf_nvfp4.coverage(model)
+    assert cov.emulated_on_te and "Experts run emulated on the TE backend" in cov.summary()
+    emulated = hf_nvfp4.convert_model(tiny_moe("mixtral", layers=1), NVFP4Config(**{**NO_SR, "backend": "emulated"}))
+    assert hf_nvfp4.coverage(emulated).emulated_on_te == []
+
+
 # -- 4. which GPUs and TE versions are accepted --------------------------------------------------------
 
 
