@@ -1,7 +1,9 @@
 """Transformer Engine backend: an NVFP4Linear's GEMMs through a ``te.Linear``, decided per call.
 
-Written against TE's source (NVIDIA/TransformerEngine, 2.20.0.dev0); it has never run on a
-Blackwell GPU. Its contract is tested against a TE stand-in (tests/te_standin), which is not TE.
+Checked against TE's source (NVIDIA/TransformerEngine at d0067d0da, 2.20.0.dev0); it has never
+run on a Blackwell GPU. Its contract is tested against a TE stand-in (tests/te_standin) that
+models TE's preconditions and numerics from that source, with citations; it is not TE. What TE
+can run per format lives in the format registry (``formats/registry.py``, ``TE_SUPPORT``).
 
 - TE is never imported at package import; ``te_status`` says whether it can run here and why not.
 - Binding: the ``te.Linear`` is built lazily on the first CUDA forward, with ``device="meta"``
@@ -11,12 +13,14 @@ Blackwell GPU. Its contract is tested against a TE stand-in (tests/te_standin), 
   objects while loading), FSDP2, ``load_state_dict(assign=True)`` and ``to_empty()`` swap them.
   The bias is added here in the compute dtype, as the emulation does (TE rounds an fp32 bias
   to bf16 for quantized GEMMs, module/linear.py). The state_dict stays weight (+ bias).
+- Under autocast the input is cast to the compute dtype before the TE call (TE's quantized path
+  does not cast it, module/linear.py:426-437); the emulation quantizes the same cast tensor.
 - Calls TE cannot take are made to fit where that is exact, or go to the emulated path for
-  that call, said once per reason: token counts are zero padded and sliced back; an input
-  whose dtype differs from the parameters' outside autocast runs under
-  ``torch.autocast(dtype=x.dtype)`` (TE quantizes the weight from its own dtype either way);
-  an RHT recipe with a non-bf16 compute dtype, a CPU input, or a precision TE has no recipe
-  for runs emulated.
+  that call, said once per reason: token counts are zero padded to TE's alignment (NVFP4: 128)
+  and sliced back; an input whose dtype differs from the parameters' outside autocast runs
+  under ``torch.autocast(dtype=x.dtype)``; an RHT recipe with a non-bf16 compute dtype, any
+  NVFP4 call computing in fp16 (an FP4 GEMM cannot write fp16), a CPU input, or a precision TE
+  has no recipe for runs emulated.
 - Stochastic rounding: TE draws it from the default CUDA generator, so ``NVFP4Config.seed``
   does not apply; ``torch.cuda.manual_seed`` and the CUDA RNG state (the Trainer's RNG
   checkpoint) do.
@@ -63,16 +67,16 @@ def reset() -> None:
     _STATUS.clear()
 
 
-def te_unsupported_reason(config) -> str | None:
-    """Why TE cannot run ``config`` (anything with NVFP4Config's field names) at all, or None."""
-    if config.format in ("mxfp4", "bf16"):
-        return f"format={config.format!r} runs on the emulated backend (Transformer Engine has no recipe for it)"
-    if config.format == "nvfp4" and config.rht_size != 16 and not config.disable_rht:
-        return f"TE's RHT is 16-point; rht_size={config.rht_size} needs the emulated backend"
-    rht = tuple(getattr(config, "rht_gemms", PAPER_RHT_GEMMS))
-    sr = sorted(getattr(config, "stochastic_roles", PAPER_STOCHASTIC_ROLES))
-    moved = (not config.disable_rht and rht != PAPER_RHT_GEMMS) or (
-        not config.disable_stochastic_rounding and sr != sorted(PAPER_STOCHASTIC_ROLES))
+def te_unsupported_reason(recipe) -> str | None:
+    """Why TE cannot run ``recipe`` (our frozen recipe, or anything with its field names) at all, or None."""
+    if te_support(recipe.format) is None:
+        return f"format={recipe.format!r} runs on the emulated backend (Transformer Engine has no recipe for it)"
+    if recipe.format == "nvfp4" and recipe.rht_size != 16 and not recipe.disable_rht:
+        return f"TE's RHT is 16-point; rht_size={recipe.rht_size} needs the emulated backend"
+    rht = tuple(getattr(recipe, "rht_gemms", PAPER_RHT_GEMMS))
+    sr = sorted(getattr(recipe, "stochastic_roles", PAPER_STOCHASTIC_ROLES))
+    moved = (not recipe.disable_rht and rht != PAPER_RHT_GEMMS) or (
+        not recipe.disable_stochastic_rounding and sr != sorted(PAPER_STOCHASTIC_ROLES))
     if moved:  # issue 16's negative controls: TE has no such placement
         return "RHT/stochastic rounding moved off the paper's operands (a negative control) needs the emulated backend"
     return None
@@ -154,19 +158,19 @@ def te_status(precision: str = "nvfp4", stochastic: bool = True) -> tuple[bool, 
     return res
 
 
-def select_backend(config, model=None) -> tuple[str, str]:
-    """("te" | "emulated", why) for ``config.backend``; "te" raises if TE cannot run."""
-    if config.backend == "emulated":
+def select_backend(recipe, model=None) -> tuple[str, str]:
+    """("te" | "emulated", why) for ``recipe.backend``; "te" raises if TE cannot run."""
+    if recipe.backend == "emulated":
         return "emulated", "asked for"
-    unsupported = te_unsupported_reason(config)
-    stochastic = not config.disable_stochastic_rounding
-    usable, reason = (False, unsupported) if unsupported else te_status(config.format, stochastic)
-    if config.backend == "te" and not usable:
+    unsupported = te_unsupported_reason(recipe)
+    stochastic = not recipe.disable_stochastic_rounding
+    usable, reason = (False, unsupported) if unsupported else te_status(recipe.format, stochastic)
+    if recipe.backend == "te" and not usable:
         raise RuntimeError(
             f"NVFP4Config(backend='te') but Transformer Engine cannot run here: {reason}. "
             "Use backend='auto' or 'emulated' to train with the bit-faithful emulation."
         )
-    if usable and config.format == "nvfp4" and stochastic:
+    if usable and recipe.format == "nvfp4" and stochastic:
         say_once("sr-caveat", logging.WARNING, SR_CAVEAT)
     if usable and os.environ.get("NVTE_USE_FAST_MATH", "0") not in ("", "0"):
         # read by TE's C++ quantizer on every cast (csrc/quantizer.cpp), so no recipe field can pin it

@@ -15,8 +15,12 @@ Precision -> TE recipe (the emulated format with the same numerics):
   scales unless ``NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1`` (the emulated format's own rule)
 - ``mxfp8``: ``MXFP8BlockScaling(fp8_format=E4M3)``
 - ``nvfp4`` with ``forward_precision="bf16"`` (the forward-only late switch): a ``CustomRecipe``
-  whose input and weight quantizers are ``HybridQuantizer(rowwise=IdentityQuantizer(),
-  columnwise=NVFP4Quantizer(...))`` (BF16 Fprop, NVFP4 Dgrad/Wgrad), TE >= 2.19
+  whose input and weight quantizers are ``HybridQuantizer(rowwise=IdentityQuantizer(dtype=compute
+  dtype), columnwise=NVFP4Quantizer(...))`` (BF16 Fprop, NVFP4 Dgrad/Wgrad), TE >= 2.19
+
+Names: ``recipe`` is our frozen numerics recipe (``NVFP4Recipe``); a "TE recipe" is TE's recipe
+object, built from TE's ``transformer_engine.common.recipe`` module (``te_recipe_mod``). What TE
+can run per format (alignment, dims, RHT dtype, fp16 output) is read from the format registry.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ logger = logging.getLogger("hf_nvfp4")
 
 # NVFP4BlockScaling fields whose TE default comes from an environment variable, and the
 # paper's value. The three recipe flags (NVTE_NVFP4_DISABLE_RHT / _STOCHASTIC_ROUNDING /
-# _2D_QUANTIZATION) are always passed from the config.
+# _2D_QUANTIZATION) are always passed from our recipe.
 NVFP4_PINS = {
     "backward_override": None,  # NVTE_BACKWARD_OVERRIDE (2.15+)
     "row_scaled_activation": False,  # NVTE_NVFP4_ROW_SCALED_ACTIVATION (2.16+)

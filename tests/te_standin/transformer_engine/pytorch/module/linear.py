@@ -26,7 +26,6 @@ shape) per quantized forward; ``CONSTRUCTED`` the ``device`` each Linear was bui
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
