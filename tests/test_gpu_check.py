@@ -19,6 +19,9 @@ def test_reduced_form_runs_and_skips_cuda_with_a_message(capsys):
     assert "CUDA not available: skipping the CUDA-vs-CPU comparison" in out
     assert "bit-identical" in out and "MISMATCH" not in out
     assert "hidden-4096 training step: skipped" in out
+    verdict = out.split("VERDICT")[1]
+    assert "quantizer bits compiled vs eager (CPU)  PASS" in verdict and "FAIL" not in verdict
+    assert "TE vs emulation per GEMM" in verdict
     torch.random.set_rng_state(state)
 
 

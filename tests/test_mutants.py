@@ -16,8 +16,8 @@ from transformers import ByT5Tokenizer
 
 import hf_nvfp4
 from hf_nvfp4 import NVFP4Config, NVFP4Recipe, PrecisionSwitchCallback, evaluate_lm, get_format
-from hf_nvfp4.integrations.shadow_run import ShadowRun
 from hf_nvfp4.config import paper_fp8_bf16_blocks
+from hf_nvfp4.integrations.shadow_run import ShadowRun
 
 
 # --------------------------------------------------------------------------- lm-eval: trailing whitespace

@@ -22,6 +22,16 @@ import torch
 logger = logging.getLogger("hf_nvfp4")
 
 MIN_FUSED_NUMEL = 1 << 16
+# Inductor settings every numerics kernel is compiled with, so that a kernel's bits do not depend on
+# the backend (C++ on a CPU, Triton on a GPU; docs/numerics.md "Same bits on every device"): Triton
+# lowers fp32 x / y to the approximate div.full.f32 unless division_rounding (then div_rn, as IEEE
+# and C++ do), flushes fp32 subnormals to zero unless disable_ftz, and contracts a * b + c into an
+# FMA unless emulate_precision_casts (which also rounds low-precision intermediates as eager does).
+COMPILE_OPTIONS = {
+    "eager_numerics.division_rounding": True,
+    "eager_numerics.disable_ftz": True,
+    "emulate_precision_casts": True,
+}
 _MODES = ("auto", "1", "0")
 _mode = os.environ.get("HF_NVFP4_COMPILE", "auto").strip().lower() or "auto"
 
@@ -72,7 +82,8 @@ def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: b
         one_thread = serial is True or (serial is not False and args[0].numel() < serial)
         key = "serial" if one_thread else "compiled"
         if state[key] is None:
-            state[key] = torch.compile(fn, fullgraph=True, options={"cpp.threads": 1} if one_thread else None)
+            opts = {**COMPILE_OPTIONS, "cpp.threads": 1} if one_thread else dict(COMPILE_OPTIONS)
+            state[key] = torch.compile(fn, fullgraph=True, options=opts)
         for a in args:
             if isinstance(a, torch.Tensor):
                 for d in dims:

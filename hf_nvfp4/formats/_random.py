@@ -21,10 +21,14 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
 
 
 def draw_seeds(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Two int64 seeds in [0, 2**32) from ``generator`` (torch's default one if None)."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
+    """Two int64 seeds in [0, 2**32) from ``generator``, or from ``device``'s default generator if None.
+
+    Drawn on the generator's device: with a generator on the operand's device (what NVFP4Linear
+    uses) or none, there is no host-to-device copy per quantization.
+    """
+    gen_device = generator.device if generator is not None else torch.device(device)
     seeds = torch.randint(0, 2**32, (2,), generator=generator, device=gen_device, dtype=torch.int64)
-    return seeds.to(device)
+    return seeds if seeds.device == torch.device(device) else seeds.to(device)
 
 
 def _mix32_i32(h: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,9 @@ NVFP4_TILES = ((1, 16), (16, 16))
 # Cheap passes over tensors below this many elements run on one CPU thread (see _compile.fused).
 SERIAL_BELOW = 1 << 22
 TENSOR_SCALE = 448.0 * 6.0  # 2688
+# fp32(1/6) as a Python float (exact in fp32): a constant, not a tensor built on the device per call,
+# which would be a host-to-device copy per quantization
+_RCP6 = float(torch.reciprocal(torch.tensor(6.0, dtype=torch.float32)))
 
 
 @dataclass
@@ -121,7 +124,7 @@ def _tensor_scalars(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     s_enc = torch.clamp(torch.div(TENSOR_SCALE, amax), max=FLT_MAX)
     s_enc = torch.where(s_enc == 0, torch.ones_like(s_enc), s_enc)
     s_dec = torch.reciprocal(s_enc)
-    mult = s_enc * torch.reciprocal(torch.tensor(6.0, device=amax.device))
+    mult = s_enc * _RCP6
     return mult, s_dec, amax / TENSOR_SCALE
 
 

@@ -155,3 +155,40 @@ def get_format(name: str) -> Format:
         return FORMATS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown format {name!r}; choose one of {list(PRECISIONS)}") from None
+
+
+# ----------------------------------------------------------------------------- Transformer Engine
+# What Transformer Engine can run for each format: the one table the TE adapter (nn/te_backend.py,
+# nn/te_recipes.py) reads. Read from NVIDIA/TransformerEngine at d0067d0da (2.20.0.dev0):
+# - check: pytorch/quantization.py:189-223 (check_*_support)
+# - align: get_align_size_for_quantization, pytorch/quantization.py:262-279 (the token multiple
+#   TE pads its own grouped quantized operations to: NVFP4 128, MXFP8 32, else 16)
+# - dims: both weight dims; MXFP8 32 (csrc/quantizer.cpp:1513-1515), else 16
+#   (assert_dim_for_fp8_exec, pytorch/utils.py:614-624; NVFP4: csrc/quantizer.cpp:1982-1986)
+# - rht_dtype: csrc/quantizer.cpp:2630-2633 ("RHT is only supported for bfloat16 input")
+# - fp16_out: FP4 GEMMs cannot write fp16 (common/gemm/cublaslt_gemm.cu:430-431)
+
+
+@dataclass(frozen=True)
+class TESupport:
+    """How Transformer Engine runs one format (see the citations above)."""
+
+    check: str
+    recipe: str
+    align: int
+    dims: int
+    rht_dtype: torch.dtype | None
+    fp16_out: bool
+
+
+TE_SUPPORT: dict[str, TESupport] = {
+    "nvfp4": TESupport("check_nvfp4_support", "NVFP4BlockScaling", 128, 16, torch.bfloat16, False),
+    "fp8_tensor": TESupport("check_fp8_support", "Float8CurrentScaling", 16, 16, None, True),
+    "fp8_block": TESupport("check_fp8_block_scaling_support", "Float8BlockScaling", 16, 16, None, True),
+    "mxfp8": TESupport("check_mxfp8_support", "MXFP8BlockScaling", 32, 32, None, True),
+}
+
+
+def te_support(name: str) -> TESupport | None:
+    """What TE can do for format ``name``, or None where TE has no recipe for it (mxfp4, bf16)."""
+    return TE_SUPPORT.get(name)

@@ -46,6 +46,9 @@ class Coverage:
 
     format: str
     entries: list[CoverageEntry] = field(default_factory=list)
+    # converted experts modules of a model whose Linears run on Transformer Engine: the experts
+    # run emulated (TE's GroupedLinear is not wired; docs/moe.md)
+    emulated_on_te: list[str] = field(default_factory=list)
 
     def _sum(self, attr: str, converted: bool | None = None) -> int:
         return sum(getattr(e, attr) for e in self.entries if converted is None or (e.precision != "bf16") == converted)
@@ -93,6 +96,7 @@ class Coverage:
             "flops_per_token_converted": self.flops_converted,
             "high_precision": self.high_precision(),
             "entries": [asdict(e) for e in self.entries],
+            "emulated_on_te": list(self.emulated_on_te),
         }
 
     def summary(self) -> str:
@@ -107,7 +111,9 @@ class Coverage:
             w = sum(e.weights for e in self.entries if e.name in set(names))
             shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
             kept.append(f"{cat}: {len(names)} module(s), {w:,} weights [{shown}]")
-        return head + (". High precision: " + "; ".join(kept) if kept else ". Nothing left in high precision.")
+        te = (f" Experts run emulated on the TE backend ({len(self.emulated_on_te)} module(s)): TE's "
+              "GroupedLinear is not wired." if self.emulated_on_te else "")
+        return head + (". High precision: " + "; ".join(kept) if kept else ". Nothing left in high precision.") + te
 
 
 def _category(reason: str) -> str:
@@ -148,6 +154,7 @@ def coverage(model: nn.Module) -> Coverage:
     modules = dict(model.named_modules())
     experts = find_experts(model)
     out = Coverage(format=fmt)
+    on_te = any(getattr(m, "backend", None) == "te" for m in modules.values() if isinstance(m, NVFP4Linear))
     for name, mod in modules.items():
         decision = plan.get(name, "model not converted" if state is None else "not converted")
         if decision in EXCLUDED:
@@ -171,6 +178,8 @@ def coverage(model: nn.Module) -> Coverage:
             else:  # every 3-D Parameter counts as expert matmul weights
                 per_expert = sum(p[0].numel() for p in expert_params(mod).values())
             flops = 2 * _top_k(modules, name, mod) * per_expert
+            if on_te and prec != "bf16":
+                out.emulated_on_te.append(name)
             out.entries.append(
                 CoverageEntry(name, "experts", per_expert * n_experts, flops, prec, _reason(prec, conv, decision))
             )

@@ -1,7 +1,9 @@
 """Transformer Engine backend: an NVFP4Linear's GEMMs through a ``te.Linear``, decided per call.
 
-Written against TE's source (NVIDIA/TransformerEngine, 2.20.0.dev0); it has never run on a
-Blackwell GPU. Its contract is tested against a TE stand-in (tests/te_standin), which is not TE.
+Checked against TE's source (NVIDIA/TransformerEngine at d0067d0da, 2.20.0.dev0); it has never
+run on a Blackwell GPU. Its contract is tested against a TE stand-in (tests/te_standin) that
+models TE's preconditions and numerics from that source, with citations; it is not TE. What TE
+can run per format lives in the format registry (``formats/registry.py``, ``TE_SUPPORT``).
 
 - TE is never imported at package import; ``te_status`` says whether it can run here and why not.
 - Binding: the ``te.Linear`` is built lazily on the first CUDA forward, with ``device="meta"``
@@ -11,12 +13,14 @@ Blackwell GPU. Its contract is tested against a TE stand-in (tests/te_standin), 
   objects while loading), FSDP2, ``load_state_dict(assign=True)`` and ``to_empty()`` swap them.
   The bias is added here in the compute dtype, as the emulation does (TE rounds an fp32 bias
   to bf16 for quantized GEMMs, module/linear.py). The state_dict stays weight (+ bias).
+- Under autocast the input is cast to the compute dtype before the TE call (TE's quantized path
+  does not cast it, module/linear.py:426-437); the emulation quantizes the same cast tensor.
 - Calls TE cannot take are made to fit where that is exact, or go to the emulated path for
-  that call, said once per reason: token counts are zero padded and sliced back; an input
-  whose dtype differs from the parameters' outside autocast runs under
-  ``torch.autocast(dtype=x.dtype)`` (TE quantizes the weight from its own dtype either way);
-  an RHT recipe with a non-bf16 compute dtype, a CPU input, or a precision TE has no recipe
-  for runs emulated.
+  that call, said once per reason: token counts are zero padded to TE's alignment (NVFP4: 128)
+  and sliced back; an input whose dtype differs from the parameters' outside autocast runs
+  under ``torch.autocast(dtype=x.dtype)``; an RHT recipe with a non-bf16 compute dtype, any
+  NVFP4 call computing in fp16 (an FP4 GEMM cannot write fp16), a CPU input, or a precision TE
+  has no recipe for runs emulated.
 - Stochastic rounding: TE draws it from the default CUDA generator, so ``NVFP4Config.seed``
   does not apply; ``torch.cuda.manual_seed`` and the CUDA RNG state (the Trainer's RNG
   checkpoint) do.
@@ -33,7 +37,8 @@ import os
 import torch
 
 from ..config import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES
-from .te_recipes import build_recipe, layer_unsupported, needs_bf16, te_recipe_kwargs, token_multiple
+from ..formats.registry import te_support
+from .te_recipes import build_te_recipe, compute_dtype_reason, layer_unsupported, te_recipe_kwargs, token_multiple
 
 __all__ = ["attach_te", "detach_te", "select_backend", "te_forward", "te_recipe_kwargs", "te_status"]
 
@@ -41,12 +46,6 @@ logger = logging.getLogger("hf_nvfp4")
 MIN_TE = (2, 8)
 SR_FIX_TE = (2, 19)  # TE PR #3281 (merged 2026-08-12, after v2.18): SR on GPUs without cvt.rs
 _TE_DEVICE_TYPE = "cuda"  # the device TE computes on; tests with the TE stand-in set "cpu"
-_CHECKS = {  # precision -> TE's support check (quantization.py; fp8.py on TE 2.8)
-    "nvfp4": "check_nvfp4_support",
-    "fp8_tensor": "check_fp8_support",
-    "fp8_block": "check_fp8_block_scaling_support",
-    "mxfp8": "check_mxfp8_support",
-}
 SR_CAVEAT = (
     "hf_nvfp4: under Transformer Engine, stochastic rounding draws from the default CUDA generator: "
     "NVFP4Config.seed does not apply; torch.cuda.manual_seed / transformers.set_seed and the CUDA RNG "
@@ -68,16 +67,16 @@ def reset() -> None:
     _STATUS.clear()
 
 
-def te_unsupported_reason(config) -> str | None:
-    """Why TE cannot run ``config`` (anything with NVFP4Config's field names) at all, or None."""
-    if config.format in ("mxfp4", "bf16"):
-        return f"format={config.format!r} runs on the emulated backend (Transformer Engine has no recipe for it)"
-    if config.format == "nvfp4" and config.rht_size != 16 and not config.disable_rht:
-        return f"TE's RHT is 16-point; rht_size={config.rht_size} needs the emulated backend"
-    rht = tuple(getattr(config, "rht_gemms", PAPER_RHT_GEMMS))
-    sr = sorted(getattr(config, "stochastic_roles", PAPER_STOCHASTIC_ROLES))
-    moved = (not config.disable_rht and rht != PAPER_RHT_GEMMS) or (
-        not config.disable_stochastic_rounding and sr != sorted(PAPER_STOCHASTIC_ROLES))
+def te_unsupported_reason(recipe) -> str | None:
+    """Why TE cannot run ``recipe`` (our frozen recipe, or anything with its field names) at all, or None."""
+    if te_support(recipe.format) is None:
+        return f"format={recipe.format!r} runs on the emulated backend (Transformer Engine has no recipe for it)"
+    if recipe.format == "nvfp4" and recipe.rht_size != 16 and not recipe.disable_rht:
+        return f"TE's RHT is 16-point; rht_size={recipe.rht_size} needs the emulated backend"
+    rht = tuple(getattr(recipe, "rht_gemms", PAPER_RHT_GEMMS))
+    sr = sorted(getattr(recipe, "stochastic_roles", PAPER_STOCHASTIC_ROLES))
+    moved = (not recipe.disable_rht and rht != PAPER_RHT_GEMMS) or (
+        not recipe.disable_stochastic_rounding and sr != sorted(PAPER_STOCHASTIC_ROLES))
     if moved:  # the negative controls: TE has no such placement
         return "RHT/stochastic rounding moved off the paper's operands (a negative control) needs the emulated backend"
     return None
@@ -115,15 +114,16 @@ def nvfp4_capability_reason(capability: tuple[int, int], version: str, stochasti
 
 
 def _te_check(precision: str) -> tuple[bool, str]:
+    check = te_support(precision).check  # TE's support check (quantization.py; fp8.py on TE 2.8)
     for mod_name in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
         try:
-            fn = getattr(importlib.import_module(mod_name), _CHECKS[precision], None)
+            fn = getattr(importlib.import_module(mod_name), check, None)
         except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA install
             continue
         if fn is not None:
             ok, reason = fn()
             return bool(ok), str(reason or "")
-    return False, f"this Transformer Engine has no {_CHECKS[precision]}"
+    return False, f"this Transformer Engine has no {check}"
 
 
 def te_status(precision: str = "nvfp4", stochastic: bool = True) -> tuple[bool, str]:
@@ -140,7 +140,7 @@ def te_status(precision: str = "nvfp4", stochastic: bool = True) -> tuple[bool, 
         return False, f"transformer_engine {version} is older than 2.8 (no NVFP4BlockScaling)"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    if precision not in _CHECKS:
+    if te_support(precision) is None:
         return False, f"Transformer Engine has no recipe for {precision!r}"
     cap = tuple(torch.cuda.get_device_capability())
     ok, reason = _te_check(precision)
@@ -158,19 +158,19 @@ def te_status(precision: str = "nvfp4", stochastic: bool = True) -> tuple[bool, 
     return res
 
 
-def select_backend(config, model=None) -> tuple[str, str]:
-    """("te" | "emulated", why) for ``config.backend``; "te" raises if TE cannot run."""
-    if config.backend == "emulated":
+def select_backend(recipe, model=None) -> tuple[str, str]:
+    """("te" | "emulated", why) for ``recipe.backend``; "te" raises if TE cannot run."""
+    if recipe.backend == "emulated":
         return "emulated", "asked for"
-    unsupported = te_unsupported_reason(config)
-    stochastic = not config.disable_stochastic_rounding
-    usable, reason = (False, unsupported) if unsupported else te_status(config.format, stochastic)
-    if config.backend == "te" and not usable:
+    unsupported = te_unsupported_reason(recipe)
+    stochastic = not recipe.disable_stochastic_rounding
+    usable, reason = (False, unsupported) if unsupported else te_status(recipe.format, stochastic)
+    if recipe.backend == "te" and not usable:
         raise RuntimeError(
             f"NVFP4Config(backend='te') but Transformer Engine cannot run here: {reason}. "
             "Use backend='auto' or 'emulated' to train with the bit-faithful emulation."
         )
-    if usable and config.format == "nvfp4" and stochastic:
+    if usable and recipe.format == "nvfp4" and stochastic:
         say_once("sr-caveat", logging.WARNING, SR_CAVEAT)
     if usable and os.environ.get("NVTE_USE_FAST_MATH", "0") not in ("", "0"):
         # read by TE's C++ quantizer on every cast (csrc/quantizer.cpp), so no recipe field can pin it
@@ -203,7 +203,8 @@ def detach_te(layer) -> None:
         del layer.__dict__[name]
 
 
-def _config(layer):
+def _recipe_of(layer):
+    """The layer's frozen numerics recipe (not a TE recipe)."""
     state = layer.nvfp4_state
     return state.recipe
 
@@ -222,12 +223,13 @@ def _bound_module(layer, te):
     return mod
 
 
-def _recipe(layer, recipe_mod, cfg, precision, fwd):
+def _te_recipe(layer, te_recipe_mod, recipe, precision, fwd, compute_dtype):
+    """(TE recipe, None) or (None, why), cached per (precision, forward precision, compute dtype)."""
     cache = layer.__dict__.setdefault("_te_recipes", {})
-    key = (precision, fwd)
+    key = (precision, fwd, compute_dtype)
     if key not in cache:
         why = layer_unsupported(precision, layer.in_features, layer.out_features)
-        cache[key] = (None, why) if why else build_recipe(recipe_mod, cfg, precision, fwd)
+        cache[key] = (None, why) if why else build_te_recipe(te_recipe_mod, recipe, precision, fwd, compute_dtype)
     return cache[key]
 
 
@@ -251,7 +253,14 @@ def _autocast(te, recipe):
 
 
 def te_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """``layer(x)`` through TE, or None when this call must run on the emulated path."""
+    """``layer(x)`` through TE, or None when this call must run on the emulated path.
+
+    Under autocast, ``x`` is cast to the compute dtype here, as ``nn.Linear`` would: TE's
+    quantized path quantizes its input without casting it (module/linear.py:426-437 at
+    d0067d0da; the AMP cast is only in the unquantized branch, :439), so an fp32 activation
+    (Llama's RMSNorm output under bf16 autocast) would reach the NVFP4 quantizer as fp32. The
+    emulated path quantizes the same cast tensor (ops/linear.py).
+    """
     precision, fwd = layer.precision, layer.forward_precision
     fwd = None if fwd == precision else fwd
     if precision == "bf16" and fwd is None:
@@ -265,12 +274,18 @@ def te_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
             x.device,
         )
         return None
-    cfg = _config(layer)
-    ok, reason = te_status(precision, not cfg.disable_stochastic_rounding)
-    recipe = None
+    recipe = _recipe_of(layer)
+    ok, reason = te_status(precision, not recipe.disable_stochastic_rounding)
+    in_autocast = torch.is_autocast_enabled(dev)
+    cdtype = torch.get_autocast_dtype(dev) if in_autocast else x.dtype
+    te_recipe = None
     if ok:
-        recipe, reason = _recipe(layer, _te()[1], cfg, precision, fwd)
-    if recipe is None:
+        reason = compute_dtype_reason(recipe, precision, cdtype)
+        if reason is not None:
+            say_once(f"dtype-{precision}-{cdtype}", logging.WARNING, "hf_nvfp4: %s", reason)
+            return None
+        te_recipe, reason = _te_recipe(layer, _te()[1], recipe, precision, fwd, cdtype)
+    if te_recipe is None:
         say_once(
             f"recipe-{precision}-{fwd}-{reason}",
             logging.WARNING,
@@ -280,20 +295,10 @@ def te_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
             reason,
         )
         return None
-    in_autocast = torch.is_autocast_enabled(dev)
-    cdtype = torch.get_autocast_dtype(dev) if in_autocast else x.dtype
-    if needs_bf16(cfg, precision) and cdtype != torch.bfloat16:
-        say_once(
-            f"rht-{cdtype}",
-            logging.WARNING,
-            "hf_nvfp4: TE's RHT takes bf16 input only (quantizer.cpp), this model computes in %s: those "
-            "calls run on the emulated path (train under torch.autocast('cuda', dtype=torch.bfloat16) to "
-            "use TE, or set disable_rht=True)",
-            cdtype,
-        )
-        return None
     cast = contextlib.nullcontext()
-    if not in_autocast and layer.weight.dtype != x.dtype:
+    if in_autocast:
+        x = x.to(cdtype)  # what TE's quantizers receive; differentiable, so dx returns in x's dtype
+    elif layer.weight.dtype != x.dtype:
         if x.dtype not in (torch.bfloat16, torch.float16):
             say_once(
                 f"dtype-{x.dtype}-{layer.weight.dtype}",
@@ -310,17 +315,19 @@ def te_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     lead, k = x.shape[:-1], x.shape[-1]
     m = math.prod(lead)
     x2 = x.reshape(m, k)
-    pad = (-m) % token_multiple(precision)
+    multiple = token_multiple(precision)
+    pad = (-m) % multiple
     if pad:
         say_once(
             f"pad-{precision}",
             logging.INFO,
-            "hf_nvfp4: TE needs token counts divisible by %d; other counts (generate(), odd batches) are "
-            "zero padded in the adapter and sliced back",
-            token_multiple(precision),
+            "hf_nvfp4: TE's %s operations take token counts divisible by %d (the token dim is the K of the "
+            "Wgrad GEMM); other counts (generate(), odd batches) are zero padded in the adapter and sliced back",
+            precision,
+            multiple,
         )
         x2 = torch.cat([x2, x2.new_zeros(pad, k)])
-    with cast, _autocast(te, recipe):
+    with cast, _autocast(te, te_recipe):
         y = mod(x2)
     if pad:
         y = y[:m]

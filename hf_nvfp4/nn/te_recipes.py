@@ -15,8 +15,12 @@ Precision -> TE recipe (the emulated format with the same numerics):
   scales unless ``NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1`` (the emulated format's own rule)
 - ``mxfp8``: ``MXFP8BlockScaling(fp8_format=E4M3)``
 - ``nvfp4`` with ``forward_precision="bf16"`` (the forward-only late switch): a ``CustomRecipe``
-  whose input and weight quantizers are ``HybridQuantizer(rowwise=IdentityQuantizer(),
-  columnwise=NVFP4Quantizer(...))`` (BF16 Fprop, NVFP4 Dgrad/Wgrad), TE >= 2.19
+  whose input and weight quantizers are ``HybridQuantizer(rowwise=IdentityQuantizer(dtype=compute
+  dtype), columnwise=NVFP4Quantizer(...))`` (BF16 Fprop, NVFP4 Dgrad/Wgrad), TE >= 2.19
+
+Names: ``recipe`` is our frozen numerics recipe (``NVFP4Recipe``); a "TE recipe" is TE's recipe
+object, built from TE's ``transformer_engine.common.recipe`` module (``te_recipe_mod``). What TE
+can run per format (alignment, dims, RHT dtype, fp16 output) is read from the format registry.
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ import importlib
 import inspect
 import logging
 
+import torch
+
 from ..formats.fp8 import default_pow2_scales
+from ..formats.registry import TE_SUPPORT, te_support
 
 logger = logging.getLogger("hf_nvfp4")
 
 # NVFP4BlockScaling fields whose TE default comes from an environment variable, and the
 # paper's value. The three recipe flags (NVTE_NVFP4_DISABLE_RHT / _STOCHASTIC_ROUNDING /
-# _2D_QUANTIZATION) are always passed from the config.
+# _2D_QUANTIZATION) are always passed from our recipe.
 NVFP4_PINS = {
     "backward_override": None,  # NVTE_BACKWARD_OVERRIDE (2.15+)
     "row_scaled_activation": False,  # NVTE_NVFP4_ROW_SCALED_ACTIVATION (2.16+)
@@ -73,7 +80,7 @@ _KNOWN = {
     "MXFP8BlockScaling": {"margin", "fp8_format", "fp8_dpa", "fp8_mha", "backward_override", "enable_2d_quantization"},
     "CustomRecipe": {"qfactory", "fp8_format", "fp8_dpa", "fp8_mha", "backward_override", "quantization_alignment"},
 }
-TE_PRECISIONS = ("nvfp4", "fp8_tensor", "fp8_block", "mxfp8")
+TE_PRECISIONS = tuple(TE_SUPPORT)  # the formats TE has a recipe for (formats/registry.py)
 LATE_SWITCH_COST = (
     "the forward-only late switch (BF16 Fprop, NVFP4 Dgrad/Wgrad) needs TE's HybridQuantizer and "
     "IdentityQuantizer in a CustomRecipe (TE >= 2.19); with older TE a quantizer role serves both the "
@@ -92,8 +99,8 @@ def recipe_fields(cls) -> set[str]:
         return set(inspect.signature(cls).parameters)
 
 
-def te_recipe_kwargs(config, fields: set[str] | None = None) -> dict:
-    """``NVFP4BlockScaling(**kwargs)`` for ``config`` (anything with NVFP4Config's field names).
+def te_recipe_kwargs(recipe, fields: set[str] | None = None) -> dict:
+    """``NVFP4BlockScaling(**kwargs)`` for our ``recipe`` (anything with NVFP4Recipe's field names).
 
     Without ``fields``: the three flags, which have TE's names and meanings. With the
     installed recipe's ``fields``: also every ``NVFP4_PINS`` entry that exists there.
@@ -102,7 +109,7 @@ def te_recipe_kwargs(config, fields: set[str] | None = None) -> dict:
     >>> sorted(te_recipe_kwargs(NVFP4Config(), {"disable_rht", "backward_override"}).items())[:2]
     [('backward_override', None), ('disable_2d_quantization', False)]
     """
-    kw = {name: bool(getattr(config, name)) for name in FLAGS}
+    kw = {name: bool(getattr(recipe, name)) for name in FLAGS}
     if fields is not None:
         kw.update({k: v for k, v in NVFP4_PINS.items() if k in fields})
     return kw
@@ -122,35 +129,35 @@ def _pinned(cls, **wanted) -> dict:
     return {k: v for k, v in wanted.items() if k in fields}
 
 
-def _set_qparams(recipe_mod, recipe, power_2_scale: bool) -> None:
+def _set_qparams(te_recipe_mod, te_recipe, power_2_scale: bool) -> None:
     # Float8CurrentScaling / Float8BlockScaling compute these class attributes from NVTE_* at
     # TE import, not per instance, so passing the scale field alone does not pin them.
-    q = recipe_mod.QParams(power_2_scale=power_2_scale, amax_epsilon=0.0)
+    q = te_recipe_mod.QParams(power_2_scale=power_2_scale, amax_epsilon=0.0)
     for name in ("fp8_quant_fwd_inp", "fp8_quant_fwd_weight", "fp8_quant_bwd_grad"):
-        setattr(recipe, name, q)
+        setattr(te_recipe, name, q)
 
 
-def nvfp4_recipe(recipe_mod, config):
-    cls = recipe_mod.NVFP4BlockScaling
-    kw = te_recipe_kwargs(config, recipe_fields(cls))
+def nvfp4_te_recipe(te_recipe_mod, recipe):
+    cls = te_recipe_mod.NVFP4BlockScaling
+    kw = te_recipe_kwargs(recipe, recipe_fields(cls))
     return cls(**_pinned(cls, **kw))
 
 
-def _fp8_recipe(recipe_mod, config, precision: str):
-    e4m3 = recipe_mod.Format.E4M3  # the emulated FP8 formats are E4M3 for gradients too
+def _fp8_te_recipe(te_recipe_mod, recipe, precision: str):
+    e4m3 = te_recipe_mod.Format.E4M3  # the emulated FP8 formats are E4M3 for gradients too
     if precision == "fp8_tensor":
-        cls = recipe_mod.Float8CurrentScaling
+        cls = te_recipe_mod.Float8CurrentScaling
         r = cls(
             **_pinned(
                 cls, use_power_2_scales=False, fp8_format=e4m3, backward_override=None, fp8_dpa=False, fp8_mha=False
             )
         )
-        _set_qparams(recipe_mod, r, False)
+        _set_qparams(te_recipe_mod, r, False)
         return r
     if precision == "fp8_block":
-        cls = recipe_mod.Float8BlockScaling
+        cls = te_recipe_mod.Float8BlockScaling
         pow2 = default_pow2_scales()
-        w_dim = 1 if config.disable_2d_quantization else 2
+        w_dim = 1 if recipe.disable_2d_quantization else 2
         r = cls(
             **_pinned(
                 cls,
@@ -164,9 +171,9 @@ def _fp8_recipe(recipe_mod, config, precision: str):
                 fp8_mha=False,
             )
         )
-        _set_qparams(recipe_mod, r, pow2)
+        _set_qparams(te_recipe_mod, r, pow2)
         return r
-    cls = recipe_mod.MXFP8BlockScaling
+    cls = te_recipe_mod.MXFP8BlockScaling
     return cls(
         **_pinned(
             cls,
@@ -180,20 +187,27 @@ def _fp8_recipe(recipe_mod, config, precision: str):
     )
 
 
-def late_switch_recipe(recipe_mod, config):
-    """CustomRecipe for BF16 Fprop + NVFP4 Dgrad/Wgrad, or None where TE cannot express it."""
+def late_switch_te_recipe(te_recipe_mod, recipe, compute_dtype):
+    """CustomRecipe for BF16 Fprop + NVFP4 Dgrad/Wgrad, or None where TE cannot express it.
+
+    The Fprop ``IdentityQuantizer`` gets ``dtype=compute_dtype``: with ``dtype=None`` it keeps
+    each tensor's own dtype (pytorch/tensor/identity_tensor.py:45-77 at d0067d0da), and TE
+    quantizes the weight from the parameter itself (module/linear.py:478-488, ``workspace_dtype``
+    is not applied to it), so fp32 master weights would meet a bf16 input in one cuBLAS call.
+    The TE recipe therefore depends on the compute dtype; callers cache it per dtype.
+    """
     try:
         nvfp4_tensor = importlib.import_module("transformer_engine.pytorch.tensor.nvfp4_tensor")
         hybrid = importlib.import_module("transformer_engine.pytorch.tensor.hybrid_tensor")
         identity = importlib.import_module("transformer_engine.pytorch.tensor.identity_tensor")
     except ImportError:
         return None
-    custom = getattr(recipe_mod, "CustomRecipe", None)
+    custom = getattr(te_recipe_mod, "CustomRecipe", None)
     if custom is None:
         return None
-    rht = not config.disable_rht
-    sr = not config.disable_stochastic_rounding
-    two_d = not config.disable_2d_quantization
+    rht = not recipe.disable_rht
+    sr = not recipe.disable_stochastic_rounding
+    two_d = not recipe.disable_2d_quantization
     nvfp4 = nvfp4_tensor.NVFP4Quantizer
 
     def qfactory(role):
@@ -208,22 +222,28 @@ def late_switch_recipe(recipe_mod, config):
         elif kind == "grad_output":
             return nvfp4(with_rht=rht, with_post_rht_amax=rht, with_2d_quantization=False, stochastic_rounding=sr)
         else:  # output / grad_input slots: not quantized (the GEMMs output in high precision)
-            return identity.IdentityQuantizer()
-        return hybrid.HybridQuantizer(rowwise_quantizer=identity.IdentityQuantizer(), columnwise_quantizer=col)
+            return identity.IdentityQuantizer(dtype=compute_dtype)
+        return hybrid.HybridQuantizer(
+            rowwise_quantizer=identity.IdentityQuantizer(dtype=compute_dtype), columnwise_quantizer=col
+        )
 
     return custom(**_pinned(custom, qfactory=qfactory, backward_override=None, fp8_dpa=False, fp8_mha=False))
 
 
-def build_recipe(recipe_mod, config, precision: str, forward_precision: str | None):
-    """(TE recipe, None), or (None, why TE cannot run this precision combination)."""
+def build_te_recipe(te_recipe_mod, recipe, precision: str, forward_precision: str | None, compute_dtype=None):
+    """(TE recipe, None), or (None, why TE cannot run this precision combination).
+
+    ``recipe`` is our frozen numerics recipe; the TE recipe is built from TE's
+    ``transformer_engine.common.recipe`` module, handed in as ``te_recipe_mod``.
+    """
     if forward_precision is None:
         if precision == "nvfp4":
-            return nvfp4_recipe(recipe_mod, config), None
+            return nvfp4_te_recipe(te_recipe_mod, recipe), None
         if precision in TE_PRECISIONS:
-            return _fp8_recipe(recipe_mod, config, precision), None
+            return _fp8_te_recipe(te_recipe_mod, recipe, precision), None
         return None, f"Transformer Engine has no recipe for precision={precision!r}"
     if precision == "nvfp4" and forward_precision == "bf16":
-        r = late_switch_recipe(recipe_mod, config)
+        r = late_switch_te_recipe(te_recipe_mod, recipe, compute_dtype)
         return (r, None) if r is not None else (None, LATE_SWITCH_COST)
     return (
         None,
@@ -231,22 +251,44 @@ def build_recipe(recipe_mod, config, precision: str, forward_precision: str | No
     )
 
 
-def needs_bf16(config, precision: str) -> bool:
-    """TE's RHT takes bf16 input only (quantizer.cpp: "RHT is only supported for bfloat16 input")."""
-    return precision == "nvfp4" and not config.disable_rht
+def compute_dtype_reason(recipe, precision: str, compute_dtype) -> str | None:
+    """Why TE cannot run ``precision`` with this compute dtype, or None (formats/registry.py TE_SUPPORT).
+
+    RHT takes bf16 input only; an FP4 GEMM cannot write fp16 (so no NVFP4 GEMM, late switch
+    included, runs with fp16 compute).
+    """
+    sup = te_support(precision)
+    if sup is None:
+        return None
+    if not sup.fp16_out and compute_dtype == torch.float16:
+        return (
+            f"TE's {precision} GEMMs cannot write fp16 (cublaslt_gemm.cu: \"FP4 GEMM does not support FP16 "
+            "output!\"): fp16 calls run on the emulated path (train in bf16 to use TE)"
+        )
+    if sup.rht_dtype is not None and not recipe.disable_rht and compute_dtype != sup.rht_dtype:
+        short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+        return (
+            f"TE's RHT takes {short[sup.rht_dtype]} input only (quantizer.cpp), this model computes in "
+            f"{short.get(compute_dtype, compute_dtype)}: "
+            "those calls run on the emulated path (train under torch.autocast('cuda', dtype=torch.bfloat16) "
+            "to use TE, or set disable_rht=True)"
+        )
+    return None
 
 
 def token_multiple(precision: str) -> int:
-    """Token count (product of the leading dims) TE's quantizers take for ``precision``.
+    """Token count (product of the leading dims) the adapter pads to for ``precision``.
 
-    NVFP4: 16 (quantizer.cpp "First dim for NVFP4 must be divisible by 16"); MXFP8: 32
-    ("MXFP8 requires tensor dims that are divisible by 32"); FP8: 8 (utils.py
-    assert_dim_for_fp8_exec), 16 as TE's autocast docstring advises.
+    TE's own alignment for quantized grouped operations, ``get_align_size_for_quantization``
+    (pytorch/quantization.py:262-279 at d0067d0da): NVFP4 128 (the tokens are the packed K
+    dimension of the NVFP4 Wgrad GEMM), MXFP8 32, FP8 16. The late switch's CustomRecipe
+    has ``quantization_alignment=128`` (common/recipe/__init__.py), the NVFP4 value.
     """
-    return 32 if precision == "mxfp8" else 16
+    return te_support(precision).align
 
 
 def layer_unsupported(precision: str, in_features: int, out_features: int) -> str | None:
-    if precision == "mxfp8" and (in_features % 32 or out_features % 32):
-        return f"TE's MXFP8 needs both dims divisible by 32 (quantizer.cpp); this layer is {out_features}x{in_features}"
+    d = te_support(precision).dims
+    if in_features % d or out_features % d:
+        return f"TE's {precision} needs both weight dims divisible by {d}; this layer is {out_features}x{in_features}"
     return None

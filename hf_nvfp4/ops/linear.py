@@ -113,7 +113,7 @@ def _wgrad_input(x: torch.Tensor, x2: torch.Tensor, plan: GemmPlan, dtype):
 def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan):
     """Fprop alone, outside autograd: no Wgrad copy of x, nothing packed for a backward."""
     dtype = _compute_dtype(x)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # quantize what a TE/nn.Linear GEMM receives under autocast
     xv, gx = _fprop_input(x, x2, plan, dtype)
     wv, gw = _operand(weight.detach(), plan.roles["fprop_weight"], dtype, plan.generator)
     y = _mm(xv, wv.t(), gx, gw, dtype)
@@ -128,7 +128,9 @@ class _QuantizedLinear(torch.autograd.Function):
         dtype = _compute_dtype(x)
         roles = plan.roles
         k = x.shape[-1]
-        x2 = x.reshape(-1, k)
+        # Under autocast, quantize x cast to the compute dtype, as nn.Linear and TE (whose quantized
+        # path does not cast, so the TE adapter casts first) do; the cache stays keyed on x itself.
+        x2 = x.reshape(-1, k).to(dtype)
         shared = _shares_weight(plan)
         gen = plan.generator  # drawn from only by stochastic roles (forward ones: negative controls)
         xv, gx = _fprop_input(x, x2, plan, dtype)
@@ -171,18 +173,20 @@ class _QuantizedLinear(torch.autograd.Function):
             wspec = roles["dgrad_weight"]
             if ctx.shared:
                 wv, gw = qw.operand(dtype)
-                dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
+                dx = _mm(dyv, wv, gdy, gw, dtype)
             elif _square(wspec.tile):  # 2D tiles, but Fprop ran in another format
                 wv, gw = _operand(weight, wspec, dtype, plan.generator)
-                dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
+                dx = _mm(dyv, wv, gdy, gw, dtype)
             else:  # W quantized along N for Dgrad
                 wtv, gwt = _operand(weight.t(), wspec, dtype, plan.generator)
-                dx = _mm(dyv, wtv[:, :n].t(), gdy, gwt, ctx.x_dtype)
-            dx = dx.reshape(ctx.x_shape)
+                dx = _mm(dyv, wtv[:, :n].t(), gdy, gwt, dtype)
+            # Dgrad and Wgrad write the compute dtype, then autograd's cast gives x's / W's dtype:
+            # as nn.Linear under autocast and TE (module/linear.py, out_dtype=activation_dtype).
+            dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             dytv, gdyt = _operand(dy2.t(), roles["wgrad_grad_output"], dtype, plan.generator)
             xtv, gxt = xt.operand(dtype)
-            dw = _mm(dytv, xtv.t(), gdyt, gxt, weight.dtype)
+            dw = _mm(dytv, xtv.t(), gdyt, gxt, dtype).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(weight.dtype)
         return dx, dw, db, None

@@ -1,9 +1,11 @@
-"""TE stand-in for transformer_engine/pytorch/quantization.py (TE 2.20.0.dev0): support checks,
-QuantizerRole, autocast / fp8_autocast and the global state the stand-in Linear reads.
+"""TE stand-in for pytorch/quantization.py (d0067d0da): support checks, QuantizerRole,
+get_align_size_for_quantization, autocast / fp8_autocast and the global state the Linear reads.
 
-Support checks follow TE's rules and messages (_compute_*_support). TE caches them per
-process; the stand-in recomputes so tests can change the pretended GPU. torch.version.cuda
-is None on a CPU build, so the stand-in pretends CUDA ``CUDA_VERSION``.
+Support checks follow TE's rules and messages, CUDA and cuBLASLt conditions included
+(_compute_*_support, quantization.py:149-186). TE caches them per process (:189-223); the
+stand-in recomputes so tests can change the pretended GPU. torch.version.cuda is None on a CPU
+build and there is no tex.get_cublasLt_version(), so the stand-in pretends ``CUDA_VERSION``
+and ``CUBLASLT_VERSION`` (tests may change them).
 """
 
 from __future__ import annotations
@@ -22,26 +24,31 @@ from transformer_engine.common.recipe import (
 
 from .utils import get_device_compute_capability
 
-CUDA_VERSION = 12.9
+CUDA_VERSION = 12.9  # float(torch.version.cuda) on the pretended machine
+CUBLASLT_VERSION = 120900  # tex.get_cublasLt_version()
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizerRole:
+class QuantizerRole:  # quantization.py:56-84
     module_type: str = ""
     tensor_type: str = ""
     name: str = ""
 
 
-def check_fp8_support() -> tuple[bool, str]:
+def check_fp8_support() -> tuple[bool, str]:  # quantization.py:149-159
     cap = get_device_compute_capability()
     if cap >= (9, 0):
         return True, ""
     if cap < (8, 9):
         return False, "Device compute capability 8.9 or higher required for FP8 execution."
+    if CUBLASLT_VERSION < 120103:
+        return False, "CublasLt version 12.1.3.x or higher required for FP8 execution on Ada."
+    if CUDA_VERSION < 12.1:
+        return False, "Cuda version 12.1 or higher required for FP8 execution on Ada."
     return True, ""
 
 
-def check_mxfp8_support() -> tuple[bool, str]:
+def check_mxfp8_support() -> tuple[bool, str]:  # quantization.py:162-168
     cap = get_device_compute_capability()
     if cap >= (12, 0):
         return False, "MXFP8 (for all gemm layouts) is not supported on 12.0+ architectures yet."
@@ -50,16 +57,26 @@ def check_mxfp8_support() -> tuple[bool, str]:
     return False, "Device compute capability 10.0 or higher required for MXFP8 execution."
 
 
-def check_nvfp4_support() -> tuple[bool, str]:
+def check_nvfp4_support() -> tuple[bool, str]:  # quantization.py:171-175
     if get_device_compute_capability() >= (10, 0):
         return True, ""
     return False, "Device compute capability 10.0 or higher required for NVFP4 execution."
 
 
-def check_fp8_block_scaling_support() -> tuple[bool, str]:
+def check_fp8_block_scaling_support() -> tuple[bool, str]:  # quantization.py:178-186
     if get_device_compute_capability() >= (9, 0) and CUDA_VERSION >= 12.9:
         return True, ""
     return False, "FP8 block scaled GEMM requires compute capability 9.0 or higher and CUDA >= 12.9."
+
+
+def get_align_size_for_quantization(recipe: Recipe) -> int:  # quantization.py:262-279
+    if recipe.custom():
+        return recipe.quantization_alignment
+    if recipe.mxfp8():
+        return 32
+    if recipe.nvfp4():
+        return 128
+    return 16
 
 
 def _avail(check, return_reason: bool):
@@ -82,7 +99,7 @@ def is_nvfp4_available(return_reason: bool = False):
     return _avail(check_nvfp4_support, return_reason)
 
 
-def check_recipe_support(recipe: Recipe) -> None:
+def check_recipe_support(recipe: Recipe) -> None:  # quantization.py:224-240
     ok, reason = True, ""
     if isinstance(recipe, Float8CurrentScaling):
         ok, reason = check_fp8_support()
@@ -109,7 +126,7 @@ class FP8GlobalStateManager:
         return cls.recipe
 
 
-class autocast:  # noqa: N801 - TE's name
+class autocast:  # noqa: N801 - TE's name; quantization.py:972-1060
     """TE's ``autocast(enabled, calibrating, recipe, amax_reduction_group, _graph)`` context manager."""
 
     def __init__(
@@ -133,7 +150,7 @@ class autocast:  # noqa: N801 - TE's name
             check_recipe_support(self._recipe)
         self._saved = (FP8GlobalStateManager.enabled, FP8GlobalStateManager.recipe)
         FP8GlobalStateManager.enabled, FP8GlobalStateManager.recipe = self._enabled, self._recipe
-        if self._enabled:  # FP8GlobalStateManager.autocast_enter's asserts
+        if self._enabled:  # FP8GlobalStateManager.autocast_enter's asserts (quantization.py:730-770)
             ok, why = check_fp8_support()
             assert ok, why
             for cls, check in (
@@ -151,7 +168,7 @@ class autocast:  # noqa: N801 - TE's name
         self._saved = None
 
 
-def fp8_autocast(
+def fp8_autocast(  # quantization.py:941-970
     enabled: bool = True,
     calibrating: bool = False,
     fp8_recipe: Recipe | None = None,

@@ -1,4 +1,4 @@
-"""TE stand-in for transformer_engine/pytorch/utils.py: the two helpers the stand-in Linear uses."""
+"""TE stand-in for pytorch/utils.py (d0067d0da): the two helpers the stand-in Linear uses."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def get_device_compute_capability() -> tuple[int, int]:
 
 
 def assert_dim_for_fp8_exec(*tensors: torch.Tensor) -> None:
-    """TE's check before any quantized GEMM of te.Linear (called from module/linear.py), same message."""
+    """utils.py:614-624, called from module/linear.py:375-376; same message."""
     for tensor in tensors:
         if math.prod(tensor.shape[:-1]) % 8 != 0 or tensor.shape[-1] % 16 != 0:
             raise ValueError(

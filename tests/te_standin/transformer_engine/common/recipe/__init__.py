@@ -1,4 +1,4 @@
-"""TE stand-in for transformer_engine/common/recipe/__init__.py (TE 2.20.0.dev0).
+"""TE stand-in for common/recipe/__init__.py (d0067d0da; line numbers below are that file's).
 
 Same class names, field names, defaults and environment-variable defaults (read once, at
 import, as TE's dataclass defaults are), and the ``__post_init__`` checks with TE's
@@ -24,7 +24,7 @@ class _FormatHelper(NamedTuple):
     max_bwd: float
 
 
-class Format(Enum):
+class Format(Enum):  # __init__.py:29-50
     E2M1 = _FormatHelper(max_fwd=6, max_bwd=6)
     E4M3 = _FormatHelper(max_fwd=448, max_bwd=448)
     E5M2 = _FormatHelper(max_fwd=57344, max_bwd=57344)
@@ -32,12 +32,12 @@ class Format(Enum):
 
 
 @dataclass(frozen=True)
-class MMParams:
+class MMParams:  # __init__.py:53-74
     use_split_accumulator: bool = True
 
 
 @dataclass(frozen=True)
-class QParams:
+class QParams:  # __init__.py:77-104
     power_2_scale: bool = False
     amax_epsilon: float = 0.0
     random_hadamard_transform: bool = False
@@ -45,7 +45,7 @@ class QParams:
     fp4_2d_quantization: bool = False
 
 
-class Recipe:
+class Recipe:  # __init__.py:107-169
     @classmethod
     def nvfp4(cls):
         return issubclass(cls, NVFP4BlockScaling)
@@ -68,7 +68,7 @@ class Recipe:
 
 
 @dataclass
-class Float8CurrentScaling(Recipe):
+class Float8CurrentScaling(Recipe):  # __init__.py:285-333
     use_power_2_scales: bool = os.getenv("NVTE_FP8_CURRENT_SCALING_POWER_2_SCALES", "0") == "1"
     fp8_format: Format = Format.HYBRID
     # Class attributes (no annotation), computed at import from the variable above, as in TE.
@@ -88,7 +88,7 @@ class Float8CurrentScaling(Recipe):
 
 
 @dataclass
-class MXFP8BlockScaling(Recipe):
+class MXFP8BlockScaling(Recipe):  # __init__.py:336-388
     margin: int = 0
     fp8_format: Format = Format.E4M3
     fp8_dpa: bool = False
@@ -102,7 +102,7 @@ class MXFP8BlockScaling(Recipe):
 
 
 @dataclass
-class Float8BlockScaling(Recipe):
+class Float8BlockScaling(Recipe):  # __init__.py:391-485
     use_f32_scales: bool = os.getenv("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", "0") == "1"
     fp8_format: Format = Format.E4M3
     fp8_quant_fwd_inp = QParams(power_2_scale=not use_f32_scales, amax_epsilon=0.0)
@@ -129,7 +129,7 @@ class Float8BlockScaling(Recipe):
 
 
 @dataclass
-class NVFP4BlockScaling(Recipe):
+class NVFP4BlockScaling(Recipe):  # __init__.py:488-626
     disable_rht: bool = os.getenv("NVTE_NVFP4_DISABLE_RHT", "0") == "1"
     disable_stochastic_rounding: bool = os.getenv("NVTE_NVFP4_DISABLE_STOCHASTIC_ROUNDING", "0") == "1"
     disable_2d_quantization: bool = os.getenv("NVTE_NVFP4_DISABLE_2D_QUANTIZATION", "0") == "1"
@@ -161,7 +161,7 @@ class NVFP4BlockScaling(Recipe):
 
 
 @dataclass
-class CustomRecipe(Recipe):
+class CustomRecipe(Recipe):  # __init__.py:629-710
     qfactory: Callable[..., Any]
     fp8_format: Format = Format.HYBRID
     fp8_dpa: bool = False

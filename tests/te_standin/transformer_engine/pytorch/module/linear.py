@@ -1,30 +1,38 @@
-"""TE stand-in for transformer_engine/pytorch/module/linear.py: ``Linear`` (TE 2.20.0.dev0).
+"""TE stand-in for pytorch/module/linear.py (d0067d0da): ``Linear`` as a contract.
 
-Same constructor signature and defaults (device="cuda", params_dtype=default dtype), the
-checks of TransformerEngineBaseModule.prepare_forward / set_activation_dtype
-(module/base.py), ``assert_dim_for_fp8_exec`` (utils.py) and the quantizers' shape and
-dtype checks (csrc/quantizer.cpp), each with TE's message. The GEMMs are hf_nvfp4's
-emulated ones, with the numerics the recipe asks for; combinations the stand-in does not
-model raise NotImplementedError rather than compute something else.
+Same constructor signature and defaults (device="cuda", params_dtype=default dtype). Each
+behaviour below is TE's, read at d0067d0da (line numbers in module/linear.py unless named):
 
-Instrumentation (stand-in only): ``CALLS`` records (recipe class, input shape) per quantized
-forward; ``CONSTRUCTED`` records the ``device`` each Linear was built with.
+- set_activation_dtype (module/base.py:1482-1500): native autocast's dtype wins; outside it the
+  parameters must have the input's dtype.
+- assert_dim_for_fp8_exec(inp, weight) before a quantized forward (:375-376; utils.py:614-624).
+- The quantized path quantizes the input as it arrives, without the AMP cast (:426-437; the cast
+  is only in the unquantized branch, :439), and the weight from the parameter itself (:478-488).
+- Quantizer preconditions on the tensors actually passed (NVFP4Quantizer.check_input: dims,
+  RHT's bf16 input) and the cast itself (the stand-in's _numerics.py, never hf_nvfp4).
+- GEMM preconditions (common/gemm/cublaslt_gemm.cu): an FP4 GEMM cannot write fp16 (:430-431);
+  high-precision operands of different dtypes find no cuBLAS algorithm (:770); an FP4 GEMM's K
+  (packed, two elements a byte) must keep cuBLAS's 16-byte leading-dim alignment, K % 32
+  (the tensor-core requirement TE cites at :208; TE's reference GEMM checks it,
+  custom_recipes/reference_nvfp4.py:1197-1198).
+- Dgrad and Wgrad write the activation dtype (:1093, :1250-1254); autograd then casts each
+  gradient to its tensor's dtype. Fprop writes the activation dtype (:540).
+
+Combinations the stand-in does not model raise NotImplementedError rather than compute
+something else. Instrumentation (stand-in only): ``CALLS`` records (TE recipe class, input
+shape) per quantized forward; ``CONSTRUCTED`` the ``device`` each Linear was built with;
+``GEMMS`` (GEMM name, operand dtypes or formats, output dtype) per GEMM.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import transformer_engine
-from hf_nvfp4.config import ROLES
-from hf_nvfp4.formats.fp8 import default_pow2_scales
-from hf_nvfp4.ops.linear import GemmPlan, quantized_linear
-from hf_nvfp4.ops.roles import QuantizerSpec
 
+from ... import _numerics as N
 from ...common.recipe import (
     CustomRecipe,
     Float8BlockScaling,
@@ -41,6 +49,7 @@ from ..utils import assert_dim_for_fp8_exec
 
 CALLS: list[tuple[str, tuple[int, ...]]] = []
 CONSTRUCTED: list[str] = []
+GEMMS: list[tuple[str, str, str, torch.dtype]] = []
 
 
 def _device(device) -> torch.device:
@@ -134,7 +143,7 @@ class Linear(nn.Module):
     def forward(self, inp: torch.Tensor, is_first_microbatch=None, fp8_output=False, fp8_grad=False):
         if fp8_output or fp8_grad:
             raise NotImplementedError("TE stand-in: fp8_output / fp8_grad are not modelled")
-        if inp.device.type != transformer_engine.DEVICE_TYPE:  # base.py prepare_forward
+        if inp.device.type != transformer_engine.DEVICE_TYPE:  # module/base.py:1604-1608
             raise RuntimeError(f"TransformerEngine needs CUDA. Got input on device: {inp.device}")
         self._set_activation_dtype(inp)
         weight = self.weight
@@ -145,107 +154,153 @@ class Linear(nn.Module):
             if t is not None and t.device != inp.device:
                 raise RuntimeError(f"TE stand-in: a parameter is on {t.device}, the input on {inp.device}")
         dtype = self.activation_dtype
-        if not FP8GlobalStateManager.is_fp8_enabled():
+        if not FP8GlobalStateManager.is_fp8_enabled():  # cast_if_needed for AMP (:439, :493)
             return F.linear(inp.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         recipe = FP8GlobalStateManager.get_fp8_recipe()
         assert_dim_for_fp8_exec(inp, weight)
-        gemm = self._gemm_recipe(recipe, inp.shape, dtype)
+        qi, qw, qg = self._quantizers(recipe)
         CALLS.append((type(recipe).__name__, tuple(inp.shape)))
-        return quantized_linear(inp, weight, bias, gemm)
+        y = _QuantizedLinear.apply(inp, weight, qi, qw, qg, dtype)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        return y
 
-    # -- what the recipe asks for, as the emulation's per-role quantizer specs ---------------------
-    # Roles: fprop uses the rowwise input/weight, dgrad the rowwise grad and columnwise weight,
-    # wgrad the columnwise grad and input. TE's NVFP4 applies RHT to columnwise data only.
-    def _gemm_recipe(self, recipe, shape, dtype) -> GemmPlan:
-        wshape = (self.out_features, self.in_features)
+    # -- the TE recipe's quantizers per tensor role ------------------------------------------
+    def _quantizers(self, recipe):
         if isinstance(recipe, NVFP4BlockScaling):
             if recipe.row_scaled_activation or recipe.nvfp4_4over6 != "none":
                 raise NotImplementedError("TE stand-in: row-scaled and 4over6 NVFP4 are not modelled")
-            if recipe.backward_override not in (None, "high_precision"):
-                raise NotImplementedError("TE stand-in: backward_override='dequantized' is not modelled")
-            qi, qw, qg = recipe.fp4_quant_fwd_inp, recipe.fp4_quant_fwd_weight, recipe.fp4_quant_bwd_grad
-            NVFP4Quantizer(with_rht=qi.random_hadamard_transform).check_input(shape, dtype)
-            NVFP4Quantizer(with_2d_quantization=qw.fp4_2d_quantization).check_input(wshape, dtype)
-            w = _spec("nvfp4", (16, 16) if qw.fp4_2d_quantization else (1, 16))
-            roles = {
-                "fprop_input": _spec("nvfp4", (1, 16)),
-                "fprop_weight": w,
-                "dgrad_grad_output": _spec("nvfp4", (1, 16), stochastic=qg.stochastic_rounding),
-                "dgrad_weight": w,
-                "wgrad_grad_output": _spec(
-                    "nvfp4", (1, 16), rht=qg.random_hadamard_transform, stochastic=qg.stochastic_rounding
-                ),
-                "wgrad_input": _spec("nvfp4", (1, 16), rht=qi.random_hadamard_transform),
-            }
-            if recipe.backward_override == "high_precision":  # backward GEMMs on the original operands
-                roles.update({r: HIGH for r in roles if not r.startswith("fprop")})
-            return GemmPlan(roles)
+            if recipe.backward_override is not None:
+                raise NotImplementedError("TE stand-in: backward_override is not modelled")
+            # quantization.py:1700-1745: one NVFP4Quantizer per role from the recipe's QParams
+            def make(qp):
+                return NVFP4Quantizer(
+                    with_rht=qp.random_hadamard_transform,
+                    with_post_rht_amax=qp.random_hadamard_transform,
+                    with_2d_quantization=qp.fp4_2d_quantization,
+                    stochastic_rounding=qp.stochastic_rounding,
+                )
+
+            return make(recipe.fp4_quant_fwd_inp), make(recipe.fp4_quant_fwd_weight), make(recipe.fp4_quant_bwd_grad)
         if isinstance(recipe, (Float8CurrentScaling, Float8BlockScaling, MXFP8BlockScaling)):
             if recipe.fp8_format != Format.E4M3 or recipe.backward_override is not None:
                 raise NotImplementedError("TE stand-in: only E4M3 FP8 without backward_override is modelled")
             if isinstance(recipe, MXFP8BlockScaling):
-                for s in (shape, wshape):
-                    if math.prod(s[:-1]) % 32 or s[-1] % 32:
-                        raise RuntimeError(f"MXFP8 requires tensor dims that are divisible by 32 (got shape={list(s)})")
                 if recipe.enable_2d_quantization:
                     raise NotImplementedError("TE stand-in: 2D MXFP8 is not modelled")
-                return _uniform("mxfp8", (1, 32), (1, 32))
+                return (_FP8Quantizer("mxfp8"),) * 3
             qs = (recipe.fp8_quant_fwd_inp, recipe.fp8_quant_fwd_weight, recipe.fp8_quant_bwd_grad)
             pow2 = {q.power_2_scale for q in qs}
+            if len(pow2) != 1 or any(q.amax_epsilon for q in qs):
+                raise NotImplementedError("TE stand-in: mixed scale rules / amax_epsilon are not modelled")
+            pow2 = pow2.pop()
             if isinstance(recipe, Float8CurrentScaling):
-                if pow2 != {False}:
+                if pow2:
                     raise NotImplementedError("TE stand-in: power-of-two current scaling is not modelled")
-                return _uniform("fp8_tensor", None, None)
-            if pow2 != {default_pow2_scales()} or recipe.x_block_scaling_dim != 1 or recipe.grad_block_scaling_dim != 1:
-                raise NotImplementedError("TE stand-in: this Float8BlockScaling variant is not modelled")
-            return _uniform("fp8_block", (1, 128), (128, 128) if recipe.w_block_scaling_dim == 2 else (1, 128))
+                return (_FP8Quantizer("tensor"),) * 3
+            if recipe.x_block_scaling_dim != 1 or recipe.grad_block_scaling_dim != 1:
+                raise NotImplementedError("TE stand-in: 2D activation / gradient blocks are not modelled")
+            w = _FP8Quantizer("block", (128, 128) if recipe.w_block_scaling_dim == 2 else (1, 128), pow2)
+            a = _FP8Quantizer("block", (1, 128), pow2)
+            return a, w, a
         if isinstance(recipe, CustomRecipe):
-            return self._custom(recipe, shape, wshape, dtype)
+            return self._custom(recipe)
         raise NotImplementedError(f"TE stand-in: recipe {type(recipe).__name__} is not modelled")
 
-    def _custom(self, recipe, shape, wshape, dtype) -> GemmPlan:
-        # Linear.get_quantizer_roles: fwd [input, weight, output(None)], bwd [grad_output, grad_input(None)]
+    def _custom(self, recipe):
+        # CustomRecipeState (quantization.py:1853-1925) calls qfactory once per role:
+        # fwd [input, weight, output], bwd [grad_output, grad_input]
         name = self.name or ""
         q = {
             t: recipe.qfactory(QuantizerRole(module_type="linear", tensor_type=t, name=name))
-            for t in ("input", "weight", "grad_output")
+            for t in ("input", "weight", "output", "grad_output", "grad_input")
         }
-        for slot in (recipe.qfactory(None), recipe.qfactory(None)):
-            if slot is None:
-                raise ValueError("TE stand-in: qfactory returned None (CustomRecipeState rejects it)")
-        qi, qw, qg = q["input"], q["weight"], q["grad_output"]
-        late = all(
-            isinstance(h, HybridQuantizer)
-            and isinstance(h.rowwise_quantizer, IdentityQuantizer)
-            and isinstance(h.columnwise_quantizer, NVFP4Quantizer)
-            for h in (qi, qw)
-        ) and isinstance(qg, NVFP4Quantizer)
-        if not late:
-            raise NotImplementedError("TE stand-in: only the BF16-Fprop / NVFP4-backward CustomRecipe is modelled")
-        ci, cw = qi.columnwise_quantizer, qw.columnwise_quantizer
-        if ci.stochastic_rounding or cw.with_rht or cw.stochastic_rounding or qi.columnwise_source != "original":
-            raise NotImplementedError("TE stand-in: this NVFP4 quantizer mix is not modelled")
-        ci.check_input(shape, dtype)
-        cw.check_input(wshape, dtype)
-        qg.check_input((*shape[:-1], wshape[0]), dtype)
-        return GemmPlan(
-            {
-                "fprop_input": HIGH,
-                "fprop_weight": HIGH,
-                "dgrad_grad_output": _spec("nvfp4", (1, 16), stochastic=qg.stochastic_rounding),
-                "dgrad_weight": _spec("nvfp4", (16, 16) if cw.with_2d_quantization else (1, 16)),
-                "wgrad_grad_output": _spec("nvfp4", (1, 16), rht=qg.with_rht, stochastic=qg.stochastic_rounding),
-                "wgrad_input": _spec("nvfp4", (1, 16), rht=ci.with_rht),
-            }
-        )
+        if any(v is None for v in q.values()):
+            raise ValueError("TE stand-in: qfactory returned None (CustomRecipeState rejects it)")
+        for t in ("input", "weight"):
+            h = q[t]
+            ok = isinstance(h, HybridQuantizer) and isinstance(h.columnwise_quantizer, NVFP4Quantizer)
+            if not ok or not isinstance(h.rowwise_quantizer, IdentityQuantizer) or h.columnwise_source != "original":
+                raise NotImplementedError("TE stand-in: only the high-precision-Fprop / NVFP4-backward mix is modelled")
+        if not isinstance(q["grad_output"], NVFP4Quantizer):
+            raise NotImplementedError("TE stand-in: only an NVFP4 grad_output quantizer is modelled")
+        return q["input"], q["weight"], q["grad_output"]
 
 
-def _spec(fmt: str, tile, rht: bool = False, stochastic: bool = False) -> QuantizerSpec:
-    return QuantizerSpec(fmt, tile, rht, 16, stochastic)
+class _FP8Quantizer:
+    """Float8CurrentScalingQuantizer / Float8BlockQuantizer / MXFP8Quantizer, as far as the stand-in
+    needs: rowwise = the tensor's own blocks, columnwise = its transpose's (the stand-in's _numerics.py)."""
+
+    def __init__(self, kind: str, tile=None, pow2: bool = False) -> None:
+        self.kind, self.tile, self.pow2 = kind, tile, pow2
+
+    def _q(self, t):
+        if self.kind == "tensor":
+            return N.fp8_tensor(t)
+        if self.kind == "block":
+            return N.fp8_block(t, self.tile, self.pow2)
+        rows, cols = t.shape
+        if rows % 32 or cols % 32:  # csrc/quantizer.cpp:1513-1515
+            raise RuntimeError(f"MXFP8 requires tensor dims that are divisible by 32 (got shape={list(t.shape)})")
+        return N.mxfp8(t)
+
+    def quantize(self, t):
+        return self._q(t), self._q(t.t().contiguous())
 
 
-HIGH = _spec("bf16", None)
+def _gemm(name: str, a, b, out_dtype: torch.dtype) -> torch.Tensor:
+    """One GEMM of the stand-in, ``a @ b^T``: quantized operands (N.Q) or high-precision tensors."""
+    quantized = isinstance(a, N.Q)
+    if quantized != isinstance(b, N.Q):
+        raise NotImplementedError("TE stand-in: mixed quantized / high-precision GEMM operands are not modelled")
+    if not quantized:
+        if a.dtype != b.dtype:  # common/gemm/cublaslt_gemm.cu:765-772
+            raise RuntimeError("Unable to find suitable cuBLAS GEMM algorithm")
+        GEMMS.append((name, str(a.dtype), out_dtype))
+        with torch.autocast(a.device.type, enabled=False):
+            return (a @ b.t()).to(out_dtype)
+    GEMMS.append((name, "quantized", out_dtype))
+    return N.gemm(a, b, out_dtype)
 
 
-def _uniform(fmt: str, act_tile, weight_tile) -> GemmPlan:
-    return GemmPlan({r: _spec(fmt, weight_tile if r.endswith("weight") else act_tile) for r in ROLES})
+def _check_fp4_gemm(name: str, a, k: int, out_dtype: torch.dtype) -> None:
+    if isinstance(a, N.Q) and getattr(a, "fp4", False):
+        if out_dtype == torch.float16:  # common/gemm/cublaslt_gemm.cu:430-431
+            raise RuntimeError("FP4 GEMM does not support FP16 output!")
+        if k % 32:  # 16-byte leading dims of packed FP4 (reference_nvfp4.py:1197-1198)
+            raise RuntimeError(f"TE stand-in: {name} FP4 GEMM with K={k}: cuBLAS needs K divisible by 32")
+
+
+def _q(quantizer, t: torch.Tensor):
+    row, col = quantizer.quantize(t)
+    if isinstance(quantizer, NVFP4Quantizer) or isinstance(getattr(quantizer, "columnwise_quantizer", None),
+                                                           NVFP4Quantizer):
+        for x in (row, col):
+            if isinstance(x, N.Q):
+                x.fp4 = True
+    return row, col
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inp, weight, qi, qw, qg, dtype):
+        x2 = inp.reshape(-1, inp.shape[-1])  # quantized as it arrives (:426-437)
+        xr, xc = _q(qi, x2)
+        wr, wc = _q(qw, weight)  # from the parameter itself (:478-488)
+        m, k = x2.shape
+        _check_fp4_gemm("Fprop", xr, k, dtype)
+        y = _gemm("fprop", xr, wr, dtype)
+        ctx.saved = (xc, wc, qg, dtype, inp.shape, weight.shape)
+        return y.reshape(*inp.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, wc, qg, dtype, x_shape, w_shape = ctx.saved
+        n = w_shape[0]
+        dy2 = dy.reshape(-1, n)
+        gr, gc = _q(qg, dy2)
+        _check_fp4_gemm("Dgrad", gr, n, dtype)
+        dx = _gemm("dgrad", gr, wc, dtype).reshape(x_shape)  # out_dtype=activation_dtype (:1093)
+        _check_fp4_gemm("Wgrad", gc, dy2.shape[0], dtype)
+        dw = _gemm("wgrad", gc, xc, dtype)  # out_dtype=activation_dtype (:1250-1254)
+        return dx, dw, None, None, None, None

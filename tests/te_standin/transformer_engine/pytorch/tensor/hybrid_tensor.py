@@ -1,6 +1,7 @@
-"""TE stand-in for transformer_engine/pytorch/tensor/hybrid_tensor.py (TE >= 2.19, PR #2817):
-one quantizer for the rowwise (Fprop) use of a tensor, another for its columnwise (backward) use.
-Constructor checks as in TE."""
+"""TE stand-in for pytorch/tensor/hybrid_tensor.py (TE >= 2.19, PR #2817; d0067d0da): one quantizer
+for the rowwise (Fprop) use of a tensor, another for its columnwise (backward) use. Constructor
+checks as in TE (hybrid_tensor.py:81-129); with ``columnwise_source="original"`` each direction
+quantizes the original tensor (:202-215)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,8 @@ class HybridQuantizer(Quantizer):
         self.columnwise_source = columnwise_source
         rowwise_quantizer.set_usage(rowwise=True, columnwise=False)
         columnwise_quantizer.set_usage(rowwise=False, columnwise=True)
+
+    def quantize(self, t):
+        row, _ = self.rowwise_quantizer.quantize(t)
+        _, col = self.columnwise_quantizer.quantize(t)
+        return row, col

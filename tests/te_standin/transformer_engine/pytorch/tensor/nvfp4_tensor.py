@@ -1,11 +1,17 @@
-"""TE stand-in for transformer_engine/pytorch/tensor/nvfp4_tensor.py: NVFP4Quantizer's constructor
-(same signature and checks), plus the shape/dtype checks TE's C++ quantizer makes
-(transformer_engine/pytorch/csrc/quantizer.cpp, NVFP4Quantizer) with their messages."""
+"""TE stand-in for pytorch/tensor/nvfp4_tensor.py (d0067d0da): NVFP4Quantizer's constructor (same
+signature and checks), the checks TE's C++ quantizer makes before a cast (csrc/quantizer.cpp),
+with TE's messages, and the cast itself, computed by the stand-in's own numerics (_numerics.py).
+
+Rowwise data is the tensor as given, columnwise data its transpose, RHT-transformed when
+``with_rht`` (reference_nvfp4.py:867-874; the RHT is never applied rowwise). Stochastic rounding,
+when on, applies to both directions (csrc/quantizer.cpp:2557 and :2615-2621).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ... import _numerics as N
 from ..constants import DType
 from ..quantized_tensor import Quantizer
 
@@ -50,7 +56,9 @@ class NVFP4Quantizer(Quantizer):
         self.with_random_sign_mask = with_random_sign_mask
 
     def check_input(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """What quantizer.cpp checks before an NVFP4 cast (NVTE_CHECK / NVTE_ERROR -> RuntimeError)."""
+        """What quantizer.cpp checks before an NVFP4 cast (NVTE_CHECK / NVTE_ERROR -> RuntimeError):
+        both flattened dims divisible by 16 (csrc/quantizer.cpp:1982-1986), bf16 input for RHT
+        (:2630-2633)."""
         rows, cols = 1, shape[-1]
         for s in shape[:-1]:
             rows *= s
@@ -62,3 +70,14 @@ class NVFP4Quantizer(Quantizer):
             raise RuntimeError(
                 f"RHT is only supported for bfloat16 input, got dtype enum value {int(_TE_DTYPE[dtype])}"
             )
+
+    def quantize(self, t: torch.Tensor) -> tuple[N.Q | None, N.Q | None]:
+        """(rowwise, columnwise) operands of the 2D tensor ``t`` as the stand-in's GEMM takes them."""
+        self.check_input(tuple(t.shape), t.dtype)
+        tile = (16, 16) if self.with_2d_quantization else (1, 16)
+        row = N.nvfp4(t, tile, self.stochastic_rounding) if self.rowwise_usage else None
+        col = None
+        if self.columnwise_usage:
+            tt = t.t().contiguous()
+            col = N.nvfp4(N.rht16(tt) if self.with_rht else tt, tile, self.stochastic_rounding)
+        return row, col
