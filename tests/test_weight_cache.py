@@ -151,7 +151,7 @@ def test_a_users_own_loop_without_the_plugin(opt):
         o = torch.optim.SGD(params, lr=0.1)
     elif opt.startswith("adamw"):
         o = torch.optim.AdamW(params, lr=0.01, foreach=opt.endswith("foreach"))
-    for step in range(4):
+    for _step in range(4):
         for _ in range(2):  # two micro-batches: the second reuses the weights
             m(X).square().mean().backward()
         if opt == "manual_data":
@@ -205,7 +205,7 @@ def test_thirty_steps_with_the_cache_equal_thirty_without_bit_for_bit():
     lb, wb, _ = _train(False)
     assert ma.nvfp4_state.weight_cache.hits > 0
     assert torch.equal(la, lb)
-    assert all(torch.equal(a, b) for a, b in zip(wa, wb))
+    assert all(torch.equal(a, b) for a, b in zip(wa, wb, strict=True))
 
 
 def test_copies_start_empty():

@@ -132,7 +132,8 @@ def _weight_operand(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen,
     source = weight.t() if transpose else weight
     if plan.weight_cache is None:
         return _operand(source, plan.roles[role], dtype, gen)
-    return get_format(plan.roles[role].format).operand_from_packed(_weight(weight, source, plan, role, dtype, gen), dtype)
+    kept = _weight(weight, source, plan, role, dtype, gen)
+    return get_format(plan.roles[role].format).operand_from_packed(kept, dtype)
 
 
 def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan):
