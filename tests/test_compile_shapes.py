@@ -24,12 +24,12 @@ def test_many_widths_and_lengths_compile_a_bounded_number_of_times_without_fallb
         _step(64, 16)  # first shapes: every kernel compiles (dims dynamic from the start)
         _step(96, 48)  # a second size may still specialise once
         before = dynamo_utils.counters["stats"]["unique_graphs"]
-        for width in (128, 160, 256, 320, 512):
-            for seq in (8, 24, 40, 72):
+        for width in (128, 320):
+            for seq in (8, 40, 72):
                 _step(width, seq)
         new_graphs = dynamo_utils.counters["stats"]["unique_graphs"] - before
     finally:
         hf_nvfp4.set_compile_mode("auto")
     assert fallbacks() == {}, fallbacks()
-    # 20 new shapes: a guard on a size or on a view's base strides would compile each kernel anew
+    # 6 new shapes: a guard on a size or on a view's base strides would compile each kernel anew
     assert new_graphs <= 4, f"{new_graphs} kernels compiled anew for new shapes"

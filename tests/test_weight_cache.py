@@ -228,3 +228,34 @@ def test_inplace_on_the_layer_output_under_autograd():
     out2 = layer(h.reshape(8, 64))  # a 2-D input too
     out2.mul_(2)
     out2.sum().backward()
+
+
+def test_run_summary_gives_throughput_with_and_without_the_first_step(caplog):
+    """Issue 24: the runner says it compiles before the first step and reports both rates."""
+    import logging
+    from types import SimpleNamespace
+
+    from hf_nvfp4.train import _step_timer, format_summary
+
+    timer = _step_timer()
+    m = _model()
+    state = SimpleNamespace(is_world_process_zero=True)
+    logging.getLogger("hf_nvfp4").setLevel(logging.WARNING)
+    try:
+        with caplog.at_level(logging.WARNING, logger="hf_nvfp4"):
+            timer.on_train_begin(None, state, None, model=m)
+    finally:
+        logging.getLogger("hf_nvfp4").setLevel(logging.ERROR)
+    assert "compiling NVFP4 kernels (once per shape, cached on disk)" in caplog.text
+    gen = m.nvfp4_state.weight_cache.generation
+    timer.on_optimizer_step(None, state, None, model=m)
+    assert m.nvfp4_state.weight_cache.generation == gen + 1
+    for _ in range(3):
+        timer.on_step_end(None, state, None)
+    assert timer.first_step_seconds is not None and timer.first_step_seconds >= 0
+    rate = timer.rate_after_first(300, 3)
+    assert rate is not None and rate > 0 and timer.rate_after_first(100, 1) is None
+    s = {"recipe": "r", "steps": 3, "world_size": 1, "first_loss": 2.0, "final_loss": 1.0, "tokens_per_s": 10.0,
+         "tokens": 300, "seconds": 30.0, "checkpoint": "/x", "logs": None, "first_step_seconds": 12.0,
+         "tokens_per_s_after_first_step": 16.7}
+    assert "17 tokens/s after the first step (12 s, compiling)" in format_summary(s)
