@@ -168,7 +168,7 @@ class Accumulate(Trainer):
         return dt
 
 
-def quantization_profile(model, ids, device, dtype) -> dict[str, float]:
+def quantization_profile(model, ids, device, dtype, base=None) -> dict[str, float]:
     """ms of one every-block training step spent quantizing and in the converted Linears' GEMMs,
     from torch.profiler ranges around every quantizer call and GEMM (outermost calls only)."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -207,6 +207,11 @@ def quantization_profile(model, ids, device, dtype) -> dict[str, float]:
         for owner, name, fn in patched:
             setattr(owner, name, staticmethod(fn) if name == "operand_from_packed" else fn)
     out = {"step_ms": wall * 1e3}
+    if base is not None:  # the unconverted step right after, under the profiler too (same conditions)
+        b = Trainer(base, ids, device, dtype)
+        b.step()
+        with profile(activities=acts):
+            out["unconverted_step_ms"] = b.step() * 1e3
     for ev in prof.key_averages():
         if ev.key in ("hf_nvfp4.quantize", "hf_nvfp4.gemm"):
             out[ev.key.split(".")[1] + "_ms"] = ev.cpu_time_total / 1e3  # per step: one step profiled
@@ -335,12 +340,12 @@ def main(argv: list[str] | None = None) -> dict:
         infer = interleaved({k: Inference(models[k], ids, dev, dtype)
                              for k in ("unconverted", "NVFP4 every block (headline)")}, args.repeats)
         res["inference"] = report(f"[{name}] Inference forward under torch.no_grad(), load {_load()}", infer)
-        prof = quantization_profile(every, ids, dev, dtype)
+        prof = quantization_profile(every, ids, dev, dtype, base)
         res["profile"] = prof
-        unconv = res["train"]["unconverted"][0] * 1e3
         print(f"\n[{name}] one every-block training step under torch.profiler: {prof['step_ms']:.0f} ms; "
-              f"quantization {prof.get('quantize_ms', 0):.0f} ms, converted GEMMs {prof.get('gemm_ms', 0):.0f} ms "
-              f"(the unconverted step: {unconv:.0f} ms, median above)")
+              f"quantization {prof.get('quantize_ms', 0):.0f} ms "
+              f"({prof.get('quantize_ms', 0) / prof['step_ms']:.0%}), converted GEMMs {prof.get('gemm_ms', 0):.0f} ms; "
+              f"the unconverted step right after it: {prof['unconverted_step_ms']:.0f} ms; load {_load()}")
         print(f"\n{'memory':40s} {'saved for backward':>20s} {'ratio':>7s} {'peak (CUDA)':>12s}")
         mem0 = None
         for k, m in models.items():

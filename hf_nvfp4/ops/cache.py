@@ -76,11 +76,14 @@ class OperandCache:
 
 
 def _fingerprint_eager(bits: torch.Tensor) -> torch.Tensor:
-    """Two position-weighted int64 sums (mod 2^64) of a weight's raw bits: any change of a value,
-    or a swap of two, changes them except with probability ~2^-64."""
-    i = torch.arange(bits.shape[0], dtype=torch.int64, device=bits.device)
-    v = bits.to(torch.int64)
-    return torch.stack([((v ^ (i * 0x9E3779B1)) * (2 * i + 1)).sum(), (v * (i + 7)).sum()])
+    """Two position-weighted sums (mod 2^32) of a weight's raw bits: any change of a value, or a
+    swap of two, changes them except with probability ~2^-64. int32 lanes (products wrap mod 2^32)
+    vectorize where 64-bit multiplies do not."""
+    i = torch.arange(bits.shape[0], dtype=torch.int32, device=bits.device)
+    v = bits.to(torch.int32)
+    h1 = ((v ^ (i * -1640531535)) * (2 * i + 1)).sum(dtype=torch.int32)
+    h2 = (v * (i + 7)).sum(dtype=torch.int32)
+    return torch.stack([h1, h2])
 
 
 _fingerprint = fused(_fingerprint_eager, dims=(0,), serial=1 << 22)

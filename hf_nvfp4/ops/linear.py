@@ -113,27 +113,32 @@ def _wgrad_input(x: torch.Tensor, x2: torch.Tensor, plan: GemmPlan, dtype):
                    lambda: get_format(spec.format).pack(x2.t(), spec, dtype, plan.generator))
 
 
-def _weight(weight: torch.Tensor, source: torch.Tensor, plan: GemmPlan, role: str, dtype, gen):
-    """What :meth:`Format.pack` keeps of ``source`` (``weight`` or its transpose) for ``role``,
-    through the plan's weight cache: quantized once per optimizer step, not once per forward.
+def _weight(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpose: bool = False):
+    """``(kept, (values, factor))`` of the weight (or its transpose) for ``role``: what
+    :meth:`Format.pack` keeps (saved for backward) and the GEMM operand made from it. Through the
+    plan's weight cache both are made once per optimizer step, not once per forward (memory: the
+    packed weight and one copy of it in the compute dtype, as TE keeps its FP8 weight copies).
 
     The key leaves a slot (None here) for a per-tensor scale shared by several weights.
     """
     spec = plan.roles[role]
     fmt = get_format(spec.format)
+    source = weight.t() if transpose else weight
+
+    def make():
+        kept = fmt.pack(source.detach(), spec, dtype, gen)
+        return kept, fmt.operand_from_packed(kept, dtype)
+
     if plan.weight_cache is None or spec.stochastic:
-        return fmt.pack(source, spec, dtype, gen)
-    return plan.weight_cache.get(weight, (role, spec, dtype, source is weight, None),
-                                 lambda: fmt.pack(source.detach(), spec, dtype, gen))
+        return make()
+    return plan.weight_cache.get(weight, (role, spec, dtype, transpose, None), make)
 
 
 def _weight_operand(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpose: bool = False):
     """``(values, factor)`` of the weight (or its transpose) for ``role``."""
-    source = weight.t() if transpose else weight
     if plan.weight_cache is None:
-        return _operand(source, plan.roles[role], dtype, gen)
-    kept = _weight(weight, source, plan, role, dtype, gen)
-    return get_format(plan.roles[role].format).operand_from_packed(kept, dtype)
+        return _operand(weight.t() if transpose else weight, plan.roles[role], dtype, gen)
+    return _weight(weight, plan, role, dtype, gen, transpose)[1]
 
 
 def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan):
@@ -152,17 +157,14 @@ class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, plan: GemmPlan):
         dtype = _compute_dtype(x)
-        roles = plan.roles
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         shared = _shares_weight(plan)
         gen = plan.generator  # drawn from only by stochastic roles (forward ones: negative controls)
         xv, gx = _fprop_input(x, x2, plan, dtype)
-        wspec = roles["fprop_weight"]
         qw = None
         if shared:  # quantized once per step, for Fprop and Dgrad
-            qw = _weight(weight, weight, plan, "fprop_weight", dtype, gen)
-            wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
+            qw, (wv, gw) = _weight(weight, plan, "fprop_weight", dtype, gen)
         else:
             wv, gw = _weight_operand(weight, plan, "fprop_weight", dtype, gen)
         y = _mm(xv, wv.t(), gx, gw, dtype)
