@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from ..formats._compile import fused
-
 
 def _signature(t: torch.Tensor) -> tuple | None:
     """What must be unchanged for a cached operand of ``t`` to be valid; None: never cache ``t``."""
@@ -75,25 +73,38 @@ class OperandCache:
 # ----------------------------------------------------------------------------- weights
 
 
-def _fingerprint_eager(bits: torch.Tensor) -> torch.Tensor:
-    """Two position-weighted sums (mod 2^32) of a weight's raw bits: any change of a value, or a
-    swap of two, changes them except with probability ~2^-64. int32 lanes (products wrap mod 2^32)
-    vectorize where 64-bit multiplies do not."""
-    i = torch.arange(bits.shape[0], dtype=torch.int32, device=bits.device)
-    v = bits.to(torch.int32)
-    h1 = ((v ^ (i * -1640531535)) * (2 * i + 1)).sum(dtype=torch.int32)
-    h2 = (v * (i + 7)).sum(dtype=torch.int32)
-    return torch.stack([h1, h2])
+_ROW = 1024
+_MULTIPLIERS: dict = {}
 
 
-_fingerprint = fused(_fingerprint_eager, dims=(0,), serial=1 << 22)
+def _multipliers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed odd int32 multipliers for the columns of a [rows, 1024] view (a 4 KiB table)."""
+    m = _MULTIPLIERS.get(device)
+    if m is None:
+        g = torch.Generator().manual_seed(0x5EED)
+        m = (torch.randint(0, 2**31 - 1, (_ROW,), generator=g, dtype=torch.int32) | 1).to(device)
+        _MULTIPLIERS[device] = m
+    return m
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """A 128-bit content hash of ``t`` (one read pass): detects writes no version counter sees."""
+    """A 64-bit content hash of ``t``'s raw bits (one read pass, a few vectorised whole-tensor ops):
+    detects the writes no version counter sees. Two position-weighted sums mod 2^32 (products wrap):
+    one weights each column of a [rows, 1024] view, one each row, so a changed value or two swapped
+    values change it except by coincidence (~2^-32 per sum).
+    """
     flat = t.detach().reshape(-1)
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    return _fingerprint(flat.view(bits))
+    v = flat.view(bits).to(torch.int32)
+    pad = (-v.numel()) % _ROW
+    if pad:
+        v = torch.cat([v, v.new_zeros(pad)])
+    v = v.view(-1, _ROW)
+    cols = _multipliers(v.device)
+    rows = torch.arange(1, 2 * v.shape[0], 2, dtype=torch.int32, device=v.device)
+    h1 = (v * cols).sum(dtype=torch.int32)
+    h2 = (v.sum(1, dtype=torch.int32) * rows).sum(dtype=torch.int32)
+    return torch.stack([h1, h2])
 
 
 class _Entry:
