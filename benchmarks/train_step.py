@@ -2,27 +2,35 @@
 
     python benchmarks/train_step.py [--hidden 1024] [--intermediate 2816] [--seq 512] [--batch 2]
                                     [--repeats 7] [--widths 512,1024,2048] [--width-repeats 3]
-                                    [--dtype auto|bf16|fp32]
+                                    [--dtype both|auto|bf16|fp32] [--accumulate 4]
 
 One default process (no allocator settings), the same model, weights and batch for every variant.
 Variants are timed in interleaved rounds (one step of each per round), so a busy machine slows them
 alike; each round gives a paired ratio to the unconverted model. Reported: the median time, the
 median ratio and a 95% t-interval of the mean ratio.
 
-- training step: forward + backward under bf16 autocast; after each timed step an (untimed) SGD
-  step changes every weight, as in training, so nothing computed from the old weights can be reused;
+- the machine: CPU model and flags (AVX-512, AVX512-BF16, AMX), bf16 and fp32 GEMM GFLOP/s;
+- training step: forward + backward; after each timed step an (untimed) SGD step changes every
+  weight, as in training, so nothing computed from the old weights can be reused (the weight
+  cache re-quantizes every weight at every step here);
   variants: unconverted, the recipe's default (the last ~15% of blocks in BF16: with 2 blocks, the
   last one), and **every block in NVFP4** (the headline);
+- gradient accumulation: ``--accumulate`` micro-batches (forward + backward each) per optimizer
+  step, timed together: the weight cache quantizes each weight once per optimizer step;
 - inference: forward under ``torch.no_grad()`` (evaluation, ``generate()``), unconverted vs every block;
+- quantization time per step, measured directly: one every-block training step under
+  torch.profiler, with every quantizer call (``Format.gemm_operand``/``pack``/``operand_from_packed``)
+  and every GEMM of the converted Linears in a labelled range;
 - width trend: the every-block training-step ratio at each of ``--widths`` (intermediate = 2.75 x
   hidden): the quantization is linear in the width, the GEMMs quadratic, so the ratio falls;
 - memory: bytes of the tensors autograd saves for backward (activation memory), and on CUDA the
   peak allocated memory of one training step.
 
-Compute dtype: bf16 autocast, as in training, wherever bf16 GEMMs run at least half as fast as
-fp32 ones (every GPU, CPUs with AVX512-BF16 or AMX). ``--dtype auto`` measures that first; on a
-CPU without bf16 GEMMs (bf16 matmul falls back to a path 10-100x slower than fp32) it computes in
-fp32 instead and says so: bf16 GEMMs that slow would hide any cost of the emulation behind them.
+Compute dtype: ``--dtype both`` (the default) measures both regimes, bf16 autocast and fp32 (no
+autocast), one after the other in the same process. ``auto`` picks one: bf16 wherever bf16 GEMMs
+run at least half as fast as fp32 ones (every GPU, CPUs with AVX512-BF16 or AMX), else fp32: on a
+CPU without bf16 GEMMs, bf16 matmul is 10-100x slower than fp32 and would hide any cost of the
+emulation; there fp32 GEMMs play the role of fast GEMMs.
 """
 
 from __future__ import annotations
@@ -76,17 +84,39 @@ def _gflops(a: torch.Tensor, b: torch.Tensor, device: str) -> float:
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t) / 1e9
 
 
-def choose_dtype(requested: str, device: str) -> tuple[torch.dtype, str]:
-    """(compute dtype, why): bf16 unless it is 'auto' and bf16 GEMMs are far slower than fp32 here."""
-    if requested != "auto":
-        return (torch.bfloat16 if requested == "bf16" else torch.float32), f"--dtype {requested}"
-    n = 512
+def gemm_speed(device: str, n: int = 1024) -> tuple[float, float]:
+    """(bf16 GFLOP/s in the slowest of a Linear's three layouts, fp32 GFLOP/s), best of 3."""
     x, w = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    fp32 = _gflops(x, w, device)
+    fp32 = max(_gflops(x, w, device) for _ in range(3))
     xb, wb = x.bfloat16(), w.bfloat16()
     # the layouts of a Linear's three GEMMs: x.W^T (fprop), dy.W (dgrad), dy^T.x (wgrad)
-    bf16 = min(_gflops(xb, wb.t(), device), _gflops(xb, wb, device), _gflops(xb.t(), wb, device))
+    bf16 = min(max(_gflops(a, b, device) for _ in range(3)) for a, b in ((xb, wb.t()), (xb, wb), (xb.t(), wb)))
+    return bf16, fp32
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the flags that decide the GEMM regime (Linux /proc/cpuinfo)."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == "unknown CPU":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    want = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+    return f"{name}, {os.cpu_count()} logical CPUs; flags: " + " ".join(f"{k}={'yes' if k in flags else 'no'}"
+                                                                      for k in want)
+
+
+def choose_dtype(requested: str, speed: tuple[float, float]) -> tuple[torch.dtype, str]:
+    """(compute dtype, why): bf16 unless it is 'auto' and bf16 GEMMs are far slower than fp32 here."""
+    bf16, fp32 = speed
     why = f"bf16 GEMM {bf16:.0f} GFLOP/s (slowest layout) vs fp32 {fp32:.0f} GFLOP/s"
+    if requested != "auto":
+        return (torch.bfloat16 if requested == "bf16" else torch.float32), f"--dtype {requested}; {why}"
     if bf16 >= 0.5 * fp32:
         return torch.bfloat16, why + ": bf16 autocast"
     return torch.float32, why + ": no fast bf16 GEMMs here, so fp32 (no autocast)"
@@ -115,6 +145,77 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return dt
+
+
+class Accumulate(Trainer):
+    """``micro`` forward+backward passes with the same weights (timed together), then the SGD step."""
+
+    def __init__(self, model, ids, device, dtype=torch.bfloat16, micro: int = 4):
+        super().__init__(model, ids, device, dtype)
+        self.micro = micro
+
+    def step(self) -> float:
+        _sync(self.device)
+        t = time.perf_counter()
+        for _ in range(self.micro):
+            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+                loss = self.model(input_ids=self.ids, labels=self.ids).loss / self.micro
+            loss.backward()
+        _sync(self.device)
+        dt = time.perf_counter() - t
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return dt
+
+
+def quantization_profile(model, ids, device, dtype, base=None) -> dict[str, float]:
+    """ms of one every-block training step spent quantizing and in the converted Linears' GEMMs,
+    from torch.profiler ranges around every quantizer call and GEMM (outermost calls only)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from hf_nvfp4.formats import registry
+    from hf_nvfp4.ops import linear as ops_linear
+
+    depth = [0]
+
+    def labelled(fn, label):
+        def run(*a, **k):
+            if depth[0]:
+                return fn(*a, **k)
+            depth[0] += 1
+            try:
+                with record_function(label):
+                    return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+        return run
+
+    names = ("gemm_operand", "pack", "operand_from_packed")
+    patched = [(registry.Format, n, getattr(registry.Format, n)) for n in names]
+    patched.append((ops_linear, "_mm", ops_linear._mm))
+    for owner, name, fn in patched:
+        label = "hf_nvfp4.gemm" if name == "_mm" else "hf_nvfp4.quantize"
+        setattr(owner, name, staticmethod(labelled(fn, label)) if name == "operand_from_packed"
+                else labelled(fn, label))
+    try:
+        runner = Trainer(model, ids, device, dtype)
+        runner.step()  # warm
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            wall = runner.step()
+    finally:
+        for owner, name, fn in patched:
+            setattr(owner, name, staticmethod(fn) if name == "operand_from_packed" else fn)
+    out = {"step_ms": wall * 1e3}
+    if base is not None:  # the unconverted step right after, under the profiler too (same conditions)
+        b = Trainer(base, ids, device, dtype)
+        b.step()
+        with profile(activities=acts):
+            out["unconverted_step_ms"] = b.step() * 1e3
+    for ev in prof.key_averages():
+        if ev.key in ("hf_nvfp4.quantize", "hf_nvfp4.gemm"):
+            out[ev.key.split(".")[1] + "_ms"] = ev.cpu_time_total / 1e3  # per step: one step profiled
+    return out
 
 
 class Inference:
@@ -194,39 +295,57 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--widths", default="512,1024,2048", help="hidden sizes of the width trend ('' to skip)")
+    ap.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step (0: skip)")
+    ap.add_argument("--widths", default="512,1024,2048",
+                    help="hidden sizes of the width trend, in the first regime measured ('' to skip)")
     ap.add_argument("--width-repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    ap.add_argument("--dtype", choices=("both", "auto", "bf16", "fp32"), default="both")
     ap.add_argument("--width-only", action="store_true", help="only the width trend")
     args = ap.parse_args(argv)
 
     import hf_nvfp4
 
     dev = args.device
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print("command: python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"device={dev} threads={torch.get_num_threads()} torch={torch.__version__} hidden={args.hidden} "
           f"intermediate={args.intermediate} seq={args.seq} batch={args.batch} vocab={args.vocab} "
-          f"repeats={args.repeats} load average at start={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
-    if dev == "cuda":
-        print(f"gpu={torch.cuda.get_device_name()}")
-    dtype, why = choose_dtype(args.dtype, dev)
-    print(f"compute dtype: {dtype} ({why})")
-    results: dict = {"dtype": str(dtype)}
+          f"repeats={args.repeats} load average at start={_load()}")
+    print(f"gpu={torch.cuda.get_device_name()}" if dev == "cuda" else f"cpu: {cpu_description()}")
+    speed = gemm_speed(dev)
+    print(f"GEMM speed (1024^3): bf16 {speed[0]:.0f} GFLOP/s (slowest of a Linear's three layouts), "
+          f"fp32 {speed[1]:.0f} GFLOP/s")
+    if args.dtype == "both":
+        regimes = [(torch.bfloat16, "bf16 autocast"), (torch.float32, "fp32, no autocast")]
+    else:
+        regimes = [choose_dtype(args.dtype, speed)]
+    results: dict = {"gemm_gflops": {"bf16": speed[0], "fp32": speed[1]}}
 
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
-    if not args.width_only:
+    for dtype, why in regimes if not args.width_only else []:
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        res = results[name] = {}
+        print(f"\n===== regime: {dtype} ({why}); load average {_load()} =====")
         base, every = build(args.hidden, args.intermediate, args.seq, args.vocab, dev)
         default = hf_nvfp4.convert_model(copy.deepcopy(base), hf_nvfp4.NVFP4Config())
         models = {"unconverted": base, "NVFP4 recipe (default BF16 blocks)": default,
                   "NVFP4 every block (headline)": every}
         train = interleaved({k: Trainer(m, ids, dev, dtype) for k, m in models.items()}, args.repeats)
-        results["train"] = report("Training step (forward + backward)", train)
-        infer = interleaved({k: Inference(models[k], ids, dev, dtype) for k in (list(models)[0], list(models)[2])},
-                            args.repeats)
-        results["inference"] = report("Inference forward under torch.no_grad()", infer)
-
+        res["train"] = report(f"[{name}] Training step (forward + backward), load {_load()}", train)
+        if args.accumulate > 1:
+            acc = interleaved({k: Accumulate(models[k], ids, dev, dtype, args.accumulate)
+                               for k in ("unconverted", "NVFP4 every block (headline)")}, max(3, args.repeats // 2))
+            res["accumulate"] = report(f"[{name}] {args.accumulate} micro-batches (forward + backward each) per "
+                                       f"optimizer step, load {_load()}", acc)
+        infer = interleaved({k: Inference(models[k], ids, dev, dtype)
+                             for k in ("unconverted", "NVFP4 every block (headline)")}, args.repeats)
+        res["inference"] = report(f"[{name}] Inference forward under torch.no_grad(), load {_load()}", infer)
+        prof = quantization_profile(every, ids, dev, dtype, base)
+        res["profile"] = prof
+        print(f"\n[{name}] one every-block training step under torch.profiler: {prof['step_ms']:.0f} ms; "
+              f"quantization {prof.get('quantize_ms', 0):.0f} ms "
+              f"({prof.get('quantize_ms', 0) / prof['step_ms']:.0%}), converted GEMMs {prof.get('gemm_ms', 0):.0f} ms; "
+              f"the unconverted step right after it: {prof['unconverted_step_ms']:.0f} ms; load {_load()}")
         print(f"\n{'memory':40s} {'saved for backward':>20s} {'ratio':>7s} {'peak (CUDA)':>12s}")
         mem0 = None
         for k, m in models.items():
@@ -236,12 +355,15 @@ def main(argv: list[str] | None = None) -> dict:
             peak_s = "n/a (CPU)" if peak != peak else f"{peak:.1f}MiB"
             print(f"{k:40s} {mem:17.1f}MiB {mem / mem0:6.2f}x {peak_s:>12s}")
         del base, every, default, models
+        if len(regimes) == 1:  # one regime: its figures at the top level too (gpu_check reads them)
+            results.update(res)
 
     widths = [int(w) for w in args.widths.split(",") if w.strip()]
     if widths:
+        dtype = regimes[0][0]
         results["width"] = {}
-        print(f"\nWidth trend: every block NVFP4 / unconverted, training step, {args.width_repeats} rounds each "
-              f"(intermediate = 2.75 x hidden)")
+        print(f"\nWidth trend ({dtype}): every block NVFP4 / unconverted, training step, {args.width_repeats} rounds "
+              f"each (intermediate = 2.75 x hidden), load {_load()}")
         cols = ("unconverted", "every block")
         print(f"{'hidden':>7s} {'intermediate':>13s} {cols[0]:>12s} {cols[1]:>12s} {'ratio':>7s} {'95% CI':>16s}")
         for h in widths:
@@ -256,9 +378,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{h:7d} {inter:13d} {statistics.median(t['u']) * 1e3:10.1f}ms "
                   f"{statistics.median(t['e']) * 1e3:10.1f}ms {med_r:6.2f}x {f'[{lo:.2f}, {hi:.2f}]':>16s}")
             del b, e
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(f"\nload average at end={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+    from hf_nvfp4.formats._compile import fallbacks
+
+    print(f"\nkernels that fell back to eager: {fallbacks() or 'none'}")
+    print(f"load average at end={_load()}")
     return results
+
+
+def _load() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ def _run(recipe: RunSpec, extra_callbacks, evaluate_at_end: bool, quiet: bool, r
         train_ds, eval_ds = build_datasets(recipe, tokenizer)
     vocab = int(math.ceil(len(tokenizer) / 16) * 16)
     model = build_model(recipe, vocab)
-    callbacks = callbacks_from_recipe(recipe) + list(extra_callbacks or [])
+    timer = _step_timer()
+    callbacks = callbacks_from_recipe(recipe) + list(extra_callbacks or []) + [timer]
     trainer = Trainer(
         model=model,
         args=args,
@@ -228,6 +229,9 @@ def _run(recipe: RunSpec, extra_callbacks, evaluate_at_end: bool, quiet: bool, r
         "tokens": tokens,
         "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
         "seconds": elapsed,
+        # the first step compiles the NVFP4 kernels (once per shape; cached on disk for later runs)
+        "first_step_seconds": timer.first_step_seconds,
+        "tokens_per_s_after_first_step": timer.rate_after_first(tokens, trainer.state.global_step),
         "world_size": args.world_size,
         "checkpoint": str(Path(recipe.output_dir).resolve()),
         "logs": str(tensorboard_dir(recipe).resolve()) if tensorboard_dir(recipe) else None,
@@ -263,6 +267,43 @@ def say_fsdp_fallback(trainer) -> None:
                 "launches; this run uses %s instead",
                 trainer.accelerator.distributed_type,
             )
+def _step_timer():
+    """A TrainerCallback (transformers is imported only when a run starts)."""
+    from transformers import TrainerCallback
+
+    class _StepTimer(TrainerCallback):
+        """Times the first step apart (it compiles the NVFP4 kernels), says so before it starts, and
+        invalidates the weight cache after every optimizer step (its version guards see the step too)."""
+
+        def __init__(self) -> None:
+            self._start = self._first_end = self._last_end = None
+            self.first_step_seconds: float | None = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and getattr(model, "nvfp4_state", None) is not None and state.is_world_process_zero:
+                logger.warning("hf_nvfp4: compiling NVFP4 kernels (once per shape, cached on disk): "
+                               "the first step takes longer")
+            self._start = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            st = getattr(model, "nvfp4_state", None)
+            if st is not None:
+                st.invalidate_weights()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if self._first_end is None and self._start is not None:
+                self._first_end = now
+                self.first_step_seconds = now - self._start
+            self._last_end = now
+
+        def rate_after_first(self, tokens: int, steps: int) -> float | None:
+            """Tokens/s over the steps after the first (None with fewer than two steps)."""
+            if steps < 2 or self._first_end is None or self._last_end <= self._first_end:
+                return None
+            return tokens * (steps - 1) / steps / (self._last_end - self._first_end)
+
+    return _StepTimer()
 
 
 def evaluate_in_bf16(trainer, model) -> float:
@@ -279,7 +320,9 @@ def format_summary(s: dict) -> str:
         [
             f"hf-nvfp4: finished recipe {s['recipe']!r}: {s['steps']} steps on {s['world_size']} process(es)",
             f"  loss        {first}{s['final_loss']:.4f}",
-            f"  throughput  {s['tokens_per_s']:.0f} tokens/s ({s['tokens']} tokens in {s['seconds']:.0f} s)",
+            f"  throughput  {s['tokens_per_s']:.0f} tokens/s ({s['tokens']} tokens in {s['seconds']:.0f} s)"
+            + (f"; {s['tokens_per_s_after_first_step']:.0f} tokens/s after the first step "
+               f"({s['first_step_seconds']:.0f} s, compiling)" if s.get("tokens_per_s_after_first_step") else ""),
             f"  checkpoint  {s['checkpoint']}  (a plain HF checkpoint; import hf_nvfp4 to reload it converted)",
             f"  logs        {s['logs']}  (tensorboard --logdir {s['logs']})"
             if s.get("logs")

@@ -21,7 +21,6 @@ import torch
 
 logger = logging.getLogger("hf_nvfp4")
 
-MIN_FUSED_NUMEL = 1 << 16
 # Inductor settings every numerics kernel is compiled with, so that a kernel's bits do not depend on
 # the backend (C++ on a CPU, Triton on a GPU; docs/numerics.md "Same bits on every device"): Triton
 # lowers fp32 x / y to the approximate div.full.f32 unless division_rounding (then div_rn, as IEEE
@@ -32,7 +31,16 @@ COMPILE_OPTIONS = {
     "eager_numerics.disable_ftz": True,
     "emulate_precision_casts": True,
 }
+# Below this many elements a kernel runs eagerly (a few whole-tensor ops). Dims are dynamic, so one
+# compiled kernel serves every size: a small tensor costs no new compilation, and compiled it runs
+# as one loop instead of a dozen eager passes (the tiny-cpu step: 1.85x -> 1.36x, issue 24).
+MIN_FUSED_NUMEL = 1 << 12
+# Compiled variants one kernel may build (dtypes x layouts x 0/1 specialisations): dims are dynamic,
+# so more than a few means a guard on something that should not be guarded, which a test catches.
+RECOMPILE_LIMIT = 32
 _MODES = ("auto", "1", "0")
+# kernel name -> why it fell back to eager in this process (see :func:`fallbacks`)
+_FALLBACKS: dict[str, str] = {}
 _mode = os.environ.get("HF_NVFP4_COMPILE", "auto").strip().lower() or "auto"
 
 
@@ -54,7 +62,24 @@ def get_compile_mode() -> str:
     return _mode
 
 
-def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: bool | int = False) -> Callable:
+def fallbacks() -> dict[str, str]:
+    """Kernels that fell back to the eager path in this process, with the reason (empty: none).
+
+    >>> from hf_nvfp4.formats._compile import fallbacks
+    >>> isinstance(fallbacks(), dict)
+    True
+    """
+    return dict(_FALLBACKS)
+
+
+def _detached(a):
+    # A view's base strides would be guarded (one recompile per base layout, until the limit);
+    # a detached alias has no base, so one kernel serves every layout of the same view.
+    return a.detach() if isinstance(a, torch.Tensor) and a._is_view() else a
+
+
+def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: bool | int = False,
+          scale: int = 1) -> Callable:
     """Decorator: call ``fn`` compiled or eager, per the current mode.
 
     The first positional argument decides the size test. Only ``dims`` of the tensor
@@ -67,23 +92,27 @@ def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: b
     cheap memory-bound passes over moderate tensors, splitting gains little, while on a
     busy machine every parallel region can wait a scheduler tick (~4 ms) or more for its
     other threads (measured: a 2 ms quantization took 30 ms with two threads under load).
+
+    ``scale``: elements of the quantized tensor per element of the first argument (16 for a
+    per-block kernel), so the size test in ``auto`` mode is on the tensor being quantized.
     """
     if fn is None:
-        return lambda f: fused(f, dims=dims, serial=serial)
+        return lambda f: fused(f, dims=dims, serial=serial, scale=scale)
     state: dict = {"compiled": None, "serial": None, "failed": False}
 
     @functools.wraps(fn)
     def wrapper(*args):
         if _mode not in _MODES:
             raise ValueError(f"HF_NVFP4_COMPILE must be one of {_MODES}, got {_mode!r}")
-        use = _mode == "1" or (_mode == "auto" and args[0].numel() >= MIN_FUSED_NUMEL)
+        use = _mode == "1" or (_mode == "auto" and args[0].numel() * scale >= MIN_FUSED_NUMEL)
         if not use or state["failed"] or torch.compiler.is_compiling():
             return fn(*args)
         one_thread = serial is True or (serial is not False and args[0].numel() < serial)
         key = "serial" if one_thread else "compiled"
         if state[key] is None:
             opts = {**COMPILE_OPTIONS, "cpp.threads": 1} if one_thread else dict(COMPILE_OPTIONS)
-            state[key] = torch.compile(fn, fullgraph=True, options=opts)
+            state[key] = torch.compile(fn, fullgraph=True, recompile_limit=RECOMPILE_LIMIT, options=opts)
+        args = tuple(_detached(a) for a in args)
         for a in args:
             if isinstance(a, torch.Tensor):
                 for d in dims:
@@ -93,13 +122,15 @@ def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: b
             return state[key](*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
             state["failed"] = True
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _FALLBACKS[fn.__name__] = why
             logger.warning(
-                "hf_nvfp4: torch.compile failed for %s (%s: %s); using the eager path, "
-                "which gives the same bits but runs slower. Set HF_NVFP4_COMPILE=0 to "
-                "silence this.",
+                "hf_nvfp4: torch.compile failed for the NVFP4 kernel %s (%s); from now on this process "
+                "runs it eagerly: the same bits, but one pass becomes a dozen or more (typically 5-30x "
+                "slower for this kernel, and a training step 2-4x slower). Please report it; set "
+                "HF_NVFP4_COMPILE=0 to run eagerly on purpose and silence this.",
                 fn.__name__,
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
+                why,
             )
             return fn(*args)
 

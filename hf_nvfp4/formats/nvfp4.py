@@ -138,7 +138,7 @@ def _block_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return xb.abs().amax(dim=dims).float()
 
 
-@fused(dims=(0,), serial=True)
+@fused(dims=(0,), serial=True, scale=16)
 def _max(x: torch.Tensor) -> torch.Tensor:
     return x.amax()
 
@@ -151,6 +151,8 @@ def _round_e4m3(s: torch.Tensor) -> torch.Tensor:
     the binade 2^e, and adding and subtracting 1.5 * 2^23 * step rounds to it. Inductor's CPU
     code converts to and from E4M3 one lane at a time, which made this kernel 25x slower.
     """
+    if not torch.compiler.is_compiling():
+        return _round_e4m3_eager(s)
     step = torch.full_like(s, 2.0**-9)
     for e in range(-6, 9):
         step = torch.where(s >= 2.0**e, 2.0 ** (e - 3), step)
@@ -158,7 +160,24 @@ def _round_e4m3(s: torch.Tensor) -> torch.Tensor:
     return (s + magic) - magic
 
 
-@fused(dims=(0, 2), serial=True)
+def _round_e4m3_eager(s: torch.Tensor) -> torch.Tensor:
+    """:func:`_round_e4m3` in a few whole-tensor ops for the eager path (small tensors): the step
+    2^(e-3) of s's binade 2^e (at least 2^-9) built from frexp's exponent as fp32 bits, then
+    ``round(s / step) * step`` (exact scalings by powers of two; round is ties-to-even)."""
+    _, e = torch.frexp(s)  # s = m * 2^e with m in [0.5, 1): the binade is 2^(e-1)
+    step = ((e - 4).clamp_(min=-9) + 127).bitwise_left_shift_(23).view(torch.float32)
+    return torch.round(s / step).mul_(step)
+
+
+def _round_e2m1_eager(a: torch.Tensor) -> torch.Tensor:
+    """:func:`~hf_nvfp4.formats.e2m1.round_e2m1` in a few whole-tensor ops for the eager path: the
+    grid step is 0.5 below 2, 1 below 4, else 2, and ``round`` (ties to even) on a/step picks
+    the even code at every midpoint; NaN stays NaN."""
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    return torch.round(a / step).mul_(step)
+
+
+@fused(dims=(0, 2), serial=True, scale=16)
 def _scales(vmax: torch.Tensor, mult: torch.Tensor, s_dec: torch.Tensor):
     """Steps 4-5: (the E4M3 scale as fp32, fp32 encode factor) per block.
 
@@ -174,7 +193,7 @@ def _round(xb, enc, seeds):
     v = xb.float() * enc
     a = torch.clamp(v.abs(), max=6.0)
     if seeds is None:
-        return round_e2m1(a), v
+        return (round_e2m1(a) if torch.compiler.is_compiling() else _round_e2m1_eager(a)), v
     return round_e2m1_stochastic(a, _random.hashed_uniform(seeds, a.shape, a.device)), v
 
 
@@ -382,7 +401,7 @@ def nvfp4_gemm_operand(
     return vals.reshape(m, k)[: shape_2d(p.x)[0]], p.g
 
 
-@fused(dims=(0,))
+@fused(dims=(0,), scale=2)
 def _unpack_scaled(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Packed codes [R, nb, 8] and E4M3 scales [R, nb, 1] -> e2m1 * fp32(scale) [R, nb, 8, 2].
 

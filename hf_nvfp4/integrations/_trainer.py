@@ -32,6 +32,12 @@ class TrainerBound(TrainerCallback):
     trainer = None
     _warned = False
 
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """The weights changed: the weight cache re-quantizes them (its version guards see it too)."""
+        st = getattr(unwrap(model), "nvfp4_state", None) if model is not None else None
+        if st is not None:
+            st.invalidate_weights()
+
     def bind(self, trainer):
         """Tell the callback its Trainer, so its keys reach every report_to integration."""
         self.trainer = trainer

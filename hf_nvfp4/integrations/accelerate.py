@@ -172,6 +172,9 @@ class NVFP4Plugin:
         self._accelerator, self._model = accelerator, model
         self._draw = torch.Generator().manual_seed(model.nvfp4_state.recipe.seed)
         self._bind_draw()
+        for o in objects:  # the weight cache re-quantizes after every optimizer step
+            if isinstance(o, torch.optim.Optimizer):
+                model.nvfp4_state.watch_optimizer(o)
         out = accelerator.prepare(*objects)
         accelerator.register_for_checkpointing(self)
         accelerator.register_load_state_pre_hook(self._validate_file)
@@ -265,6 +268,7 @@ class NVFP4Plugin:
             self._loss_sum += float(loss.detach() if isinstance(loss, torch.Tensor) else loss) / accum
         if not acc.sync_gradients:
             return {}
+        self._model.nvfp4_state.invalidate_weights()  # also after set_recipe, which builds a new state
         self.completed_steps += 1
         metrics: dict[str, float] = {}
         sw = self.switch

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..config import NVFP4Recipe, as_recipe, check_format
 from ..formats.registry import PRECISIONS, get_format
-from ..ops.cache import OperandCache
+from ..ops.cache import OperandCache, WeightCache
 from ..ops.linear import GemmPlan, quantized_linear
 
 
@@ -45,11 +45,35 @@ class NVFP4State:
         # Layers fed the same input (q/k/v, gate/up) quantize it once; emptied after every forward
         # of the model. None: every layer quantizes its own input.
         self.operand_cache: OperandCache | None = OperandCache()
+        # Each weight's quantized operands, kept until the weight changes (TE's once per optimizer
+        # step): reused by gradient-accumulation micro-batches and no_grad forwards. None: off.
+        self.weight_cache: WeightCache | None = WeightCache()
 
     # -- recipe ---------------------------------------------------------------------------------
     @property
     def recipe(self) -> NVFP4Recipe:
         return self._recipe
+
+    # -- weight cache ---------------------------------------------------------------------------
+    def invalidate_weights(self, *args, **kwargs) -> None:
+        """Forget every cached quantized weight (an optimizer step, a load, a recipe change)."""
+        if self.weight_cache is not None:
+            self.weight_cache.invalidate()
+
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Invalidate the weight cache after every ``optimizer.step()`` (once per optimizer)."""
+        hooked = _WATCHED.setdefault(optimizer, weakref.WeakSet())
+        if self in hooked:
+            return
+        hooked.add(self)
+        ref = weakref.ref(self)
+
+        def after_step(opt, args, kwargs):
+            state = ref()
+            if state is not None:
+                state.invalidate_weights()
+
+        optimizer.register_step_post_hook(after_step)
 
     # -- stochastic rounding ----------------------------------------------------------------------
     def _mix(self, draw: int) -> int:
@@ -64,6 +88,10 @@ class NVFP4State:
         """Re-seed the SR stream for one training forward/backward (a forward pre-hook on the model)."""
         if self.operand_cache is not None:
             self.operand_cache.clear()
+        if self.weight_cache is not None and module is not None:
+            # FSDP (1 and 2) and ZeRO-3 refill a weight's storage at every unshard without bumping
+            # its version: such weights are quantized at every forward, never cached.
+            self.weight_cache.enabled = not _sharded(module)
         if not torch.is_grad_enabled() or (module is not None and not module.training):
             return
         if not self.uses_stochastic():
@@ -94,6 +122,7 @@ class NVFP4State:
         detach_states(module)
         module.register_forward_pre_hook(self.begin_forward)
         module.register_forward_hook(self.end_forward)
+        module.register_load_state_dict_post_hook(self.invalidate_weights)
 
     # -- switch ---------------------------------------------------------------------------------
     def set_precision(self, precision: str, forward_precision: str | None) -> int:
@@ -103,6 +132,7 @@ class NVFP4State:
                 _check_precision(p, "precision")
                 check_format(self._recipe, p, f"switching to {p!r}")
         self.precision, self.forward_precision = precision, forward_precision
+        self.invalidate_weights()
         return len(self._layers)
 
     def register(self, layer: NVFP4Linear) -> None:
@@ -120,6 +150,23 @@ class NVFP4State:
         self.set_precision(state["precision"], state["forward_precision"])
         self._base = int(state["base"])
         self._generators.clear()
+        self.invalidate_weights()
+
+
+# optimizer -> the states whose weight cache its step invalidates (both held weakly)
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SHARDING_WRAPPERS = ("FSDPModule", "FullyShardedDataParallel")
+
+
+def _sharded(model: nn.Module) -> bool:
+    """True if a sharding wrapper (FSDP2's FSDPModule, FSDP1, DeepSpeed ZeRO-3) manages ``model``'s weights."""
+    for m in model.modules():
+        if any(c.__name__ in _SHARDING_WRAPPERS for c in type(m).__mro__):
+            return True
+        w = m._parameters.get("weight") if isinstance(m, nn.Linear) else None
+        if w is not None and (hasattr(w, "ds_id") or type(w).__name__ == "DTensor"):
+            return True
+    return False
 
 
 def detach_states(module: nn.Module) -> None:
@@ -134,6 +181,9 @@ def detach_states(module: nn.Module) -> None:
             del module._forward_hooks[k]
             module._forward_hooks_with_kwargs.pop(k, None)
             module._forward_hooks_always_called.pop(k, None)
+    for k, v in list(module._load_state_dict_post_hooks.items()):
+        if isinstance(getattr(v, "__self__", None), NVFP4State):
+            del module._load_state_dict_post_hooks[k]
 
 # Each layer built by hand gets its own state with its own SR stream (a distinct salt), until
 # convert_model adopts it into its model's one shared state.
@@ -203,7 +253,7 @@ class NVFP4Linear(nn.Linear):
     def plan(self, device: torch.device) -> GemmPlan:
         st = self.nvfp4_state
         return GemmPlan.from_recipe(st.recipe, st.forward_precision or st.precision, st.precision,
-                                    st.generator(device), st.operand_cache)
+                                    st.generator(device), st.operand_cache, st.weight_cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "te":  # the TE adapter takes the call, or None sends it to the emulation

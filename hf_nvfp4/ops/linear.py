@@ -20,15 +20,16 @@ import torch
 
 from ..config import NVFP4Recipe
 from ..formats.registry import get_format
-from .cache import OperandCache
+from .cache import OperandCache, WeightCache
 from .roles import QuantizerSpec, role_table
 
 
 @dataclass(frozen=True, eq=False)
 class GemmPlan:
     """What one call of the quantized linear does: a quantizer spec for each of the six roles
-    (from the role table), the generator that stochastic rounding draws from, and optionally an
-    :class:`OperandCache` through which Linears fed the same input (q/k/v, gate/up) quantize it once.
+    (from the role table), the generator that stochastic rounding draws from, optionally an
+    :class:`OperandCache` through which Linears fed the same input (q/k/v, gate/up) quantize it once,
+    and optionally a :class:`WeightCache` that keeps a weight's quantized operands until it changes.
 
     >>> from hf_nvfp4.ops import GemmPlan
     >>> GemmPlan.from_recipe(NVFP4Recipe(), fprop="bf16").roles["fprop_input"].format
@@ -38,11 +39,13 @@ class GemmPlan:
     roles: dict[str, QuantizerSpec] = field(default_factory=lambda: role_table(NVFP4Recipe()))
     generator: torch.Generator | None = None
     cache: OperandCache | None = None
+    weight_cache: WeightCache | None = None
 
     @classmethod
     def from_recipe(cls, recipe: NVFP4Recipe, fprop: str | None = None, backward: str | None = None,
-                    generator: torch.Generator | None = None, cache: OperandCache | None = None) -> GemmPlan:
-        return cls(role_table(recipe, fprop, backward), generator, cache)
+                    generator: torch.Generator | None = None, cache: OperandCache | None = None,
+                    weight_cache: WeightCache | None = None) -> GemmPlan:
+        return cls(role_table(recipe, fprop, backward), generator, cache, weight_cache)
 
     def high_precision(self) -> bool:
         return not any(get_format(s.format).quantizes for s in self.roles.values())
@@ -110,12 +113,40 @@ def _wgrad_input(x: torch.Tensor, x2: torch.Tensor, plan: GemmPlan, dtype):
                    lambda: get_format(spec.format).pack(x2.t(), spec, dtype, plan.generator))
 
 
+def _weight(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpose: bool = False):
+    """``(kept, (values, factor))`` of the weight (or its transpose) for ``role``: what
+    :meth:`Format.pack` keeps (saved for backward) and the GEMM operand made from it. Through the
+    plan's weight cache both are made once per optimizer step, not once per forward (memory: the
+    packed weight and one copy of it in the compute dtype, as TE keeps its FP8 weight copies).
+
+    The key leaves a slot (None here) for a per-tensor scale shared by several weights.
+    """
+    spec = plan.roles[role]
+    fmt = get_format(spec.format)
+    source = weight.t() if transpose else weight
+
+    def make():
+        kept = fmt.pack(source.detach(), spec, dtype, gen)
+        return kept, kept.operand(dtype)
+
+    if plan.weight_cache is None or spec.stochastic:
+        return make()
+    return plan.weight_cache.get(weight, (role, spec, dtype, transpose, None), make)
+
+
+def _weight_operand(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpose: bool = False):
+    """``(values, factor)`` of the weight (or its transpose) for ``role``."""
+    if plan.weight_cache is None:
+        return _operand(weight.t() if transpose else weight, plan.roles[role], dtype, gen)
+    return _weight(weight, plan, role, dtype, gen, transpose)[1]
+
+
 def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan):
     """Fprop alone, outside autograd: no Wgrad copy of x, nothing packed for a backward."""
     dtype = _compute_dtype(x)
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # quantize what a TE/nn.Linear GEMM receives under autocast
     xv, gx = _fprop_input(x, x2, plan, dtype)
-    wv, gw = _operand(weight.detach(), plan.roles["fprop_weight"], dtype, plan.generator)
+    wv, gw = _weight_operand(weight, plan, "fprop_weight", dtype, plan.generator)
     y = _mm(xv, wv.t(), gx, gw, dtype)
     if bias is not None:
         y = y + bias.detach().to(dtype)
@@ -126,7 +157,6 @@ class _QuantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, plan: GemmPlan):
         dtype = _compute_dtype(x)
-        roles = plan.roles
         k = x.shape[-1]
         # Under autocast, quantize x cast to the compute dtype, as nn.Linear and TE (whose quantized
         # path does not cast, so the TE adapter casts first) do; the cache stays keyed on x itself.
@@ -134,13 +164,11 @@ class _QuantizedLinear(torch.autograd.Function):
         shared = _shares_weight(plan)
         gen = plan.generator  # drawn from only by stochastic roles (forward ones: negative controls)
         xv, gx = _fprop_input(x, x2, plan, dtype)
-        wspec = roles["fprop_weight"]
         qw = None
         if shared:  # quantized once per step, for Fprop and Dgrad
-            qw = get_format(wspec.format).pack(weight, wspec, dtype, gen)
-            wv, gw = qw.operand(dtype)
+            qw, (wv, gw) = _weight(weight, plan, "fprop_weight", dtype, gen)
         else:
-            wv, gw = _operand(weight, wspec, dtype, gen)
+            wv, gw = _weight_operand(weight, plan, "fprop_weight", dtype, gen)
         y = _mm(xv, wv.t(), gx, gw, dtype)
         if bias is not None:
             y = y + bias.to(dtype)
@@ -154,7 +182,7 @@ class _QuantizedLinear(torch.autograd.Function):
             saved += tensors
             ctx.kept.append(t)
         ctx.save_for_backward(*saved)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y  # [M, N]: the caller reshapes, so the output is never a view of this Function's own
 
     @staticmethod
     def backward(ctx, dy):
@@ -175,10 +203,10 @@ class _QuantizedLinear(torch.autograd.Function):
                 wv, gw = qw.operand(dtype)
                 dx = _mm(dyv, wv, gdy, gw, dtype)
             elif _square(wspec.tile):  # 2D tiles, but Fprop ran in another format
-                wv, gw = _operand(weight, wspec, dtype, plan.generator)
+                wv, gw = _weight_operand(weight, plan, "dgrad_weight", dtype, plan.generator)
                 dx = _mm(dyv, wv, gdy, gw, dtype)
             else:  # W quantized along N for Dgrad
-                wtv, gwt = _operand(weight.t(), wspec, dtype, plan.generator)
+                wtv, gwt = _weight_operand(weight, plan, "dgrad_weight", dtype, plan.generator, transpose=True)
                 dx = _mm(dyv, wtv[:, :n].t(), gdy, gwt, dtype)
             # Dgrad and Wgrad write the compute dtype, then autograd's cast gives x's / W's dtype:
             # as nn.Linear under autocast and TE (module/linear.py, out_dtype=activation_dtype).
@@ -199,4 +227,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _forward_only(x, weight, bias, plan)  # evaluation, generate(): no autograd graph to build
-    return _QuantizedLinear.apply(x, weight, bias, plan)
+    # The reshape happens outside the Function: an output that is a view of a Function's result
+    # cannot be modified in place (``out.add_(...)``, as Llama 4's MoE block does), a plain one can.
+    y = _QuantizedLinear.apply(x, weight, bias, plan)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
