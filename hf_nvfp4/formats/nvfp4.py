@@ -323,6 +323,7 @@ def nvfp4_gemm_operand(
     generator: torch.Generator | None = None,
     rht_size: int = 16,
     dtype: torch.dtype = torch.bfloat16,
+    amax: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, g)`` with ``values = e2m1 * fp32(scale)`` and ``g = amax / 2688``.
 
@@ -332,7 +333,7 @@ def nvfp4_gemm_operand(
     (cropping a Hadamard-transformed operand would change the product).
     """
     x, x2, xb, scale_f32, enc, g, seeds, _, _ = _prepare(
-        x, tile, rht, rht_size, stochastic, generator, None, "nvfp4_gemm_operand"
+        x, tile, rht, rht_size, stochastic, generator, amax, "nvfp4_gemm_operand"
     )
     m, k = x2.shape
     if xb.numel() == 0:

@@ -97,26 +97,28 @@ class Format:
         return fn(x, **kw)
 
     # -- what the training ops call ---------------------------------------------------------
-    def gemm_operand(self, x2: torch.Tensor, spec, dtype: torch.dtype, generator=None):
+    def gemm_operand(self, x2: torch.Tensor, spec, dtype: torch.dtype, generator=None, amax=None):
         """``(values in dtype, per-tensor factor or None)`` of a 2D GEMM operand per a quantizer spec.
 
         The product of two operands' values, times their factors, is the quantized GEMM.
+        ``amax``: the per-tensor amax to scale with (a fused group's joint amax), where the format has one.
         """
         if not self.quantizes:
             return x2.to(dtype), None
         gen = generator if spec.stochastic else None
         if self.packed:
             return nvfp4.nvfp4_gemm_operand(x2, tile=spec.tile, rht=spec.rht, stochastic=spec.stochastic,
-                                            generator=gen, rht_size=spec.rht_size, dtype=dtype)
+                                            generator=gen, rht_size=spec.rht_size, dtype=dtype, amax=amax)
+        kw = {"amax": amax} if amax is not None else {}
         vals = self.fake_quantize(x2, tile=spec.tile, rht=spec.rht, rht_size=spec.rht_size,
-                                  stochastic=spec.stochastic, generator=gen)
+                                  stochastic=spec.stochastic, generator=gen, **kw)
         return vals.to(dtype), None
 
-    def pack(self, x2: torch.Tensor, spec, dtype: torch.dtype, generator=None):
+    def pack(self, x2: torch.Tensor, spec, dtype: torch.dtype, generator=None, amax=None):
         """What to keep for a later GEMM: packed codes where the format has them, else values."""
         if self.packed and not spec.stochastic:
-            return nvfp4.quantize_nvfp4(x2, tile=spec.tile, rht=spec.rht, rht_size=spec.rht_size)
-        return self.gemm_operand(x2, spec, dtype, generator)
+            return nvfp4.quantize_nvfp4(x2, tile=spec.tile, rht=spec.rht, rht_size=spec.rht_size, amax=amax)
+        return self.gemm_operand(x2, spec, dtype, generator, amax)
 
     @staticmethod
     def operand_from_packed(kept, dtype: torch.dtype):

@@ -50,6 +50,10 @@ class NVFP4Config(QuantizationConfigMixin):
     rht_gemms / stochastic_roles: where RHT and stochastic rounding go. The defaults are the
         paper's (RHT on the Wgrad GEMM, SR on the two gradient operands); anything else is a
         negative control for ablations (emulated backend only).
+    fused_global_scale: False (TE's behaviour): every layer has its own weight tensor scale.
+        True: the layers a serving engine runs as one GEMM (q/k/v, gate/up, found from the
+        model's structure: siblings that read the same input) share one, from their joint amax,
+        so the served weights are exactly the trained ones (emulated backend only).
 
     >>> from hf_nvfp4 import NVFP4Config
     >>> cfg = NVFP4Config(bf16_last_blocks=2)
@@ -69,6 +73,7 @@ class NVFP4Config(QuantizationConfigMixin):
     seed: int = 0
     rht_gemms: list[str] = field(default_factory=lambda: list(PAPER_RHT_GEMMS))
     stochastic_roles: list[str] = field(default_factory=lambda: list(PAPER_STOCHASTIC_ROLES))
+    fused_global_scale: bool = False
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:

@@ -60,8 +60,9 @@ class NVFP4Experts:
         return self.state.forward_precision if self.converted else None
 
     def plan(self, device: torch.device) -> GemmPlan:
-        st = self.state
-        return GemmPlan.from_recipe(st.recipe, st.forward_precision or st.precision, st.precision, st.generator(device))
+        """The state's plan, as for a Linear. An expert's gate and up are one ``[2I, H]`` matrix,
+        quantized as one tensor: they always share one weight tensor scale."""
+        return self.state.plan(device)
 
     @property
     def high_precision(self) -> bool:

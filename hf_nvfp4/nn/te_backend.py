@@ -72,6 +72,8 @@ def te_unsupported_reason(config) -> str | None:
     """Why TE cannot run ``config`` (anything with NVFP4Config's field names) at all, or None."""
     if config.format in ("mxfp4", "bf16"):
         return f"format={config.format!r} runs on the emulated backend (Transformer Engine has no recipe for it)"
+    if getattr(config, "fused_global_scale", False):
+        return "fused_global_scale=True (sibling layers sharing one weight tensor scale) needs the emulated backend"
     if config.format == "nvfp4" and config.rht_size != 16 and not config.disable_rht:
         return f"TE's RHT is 16-point; rht_size={config.rht_size} needs the emulated backend"
     rht = tuple(getattr(config, "rht_gemms", PAPER_RHT_GEMMS))

@@ -29,6 +29,8 @@ class GemmPlan:
     """What one call of the quantized linear does: a quantizer spec for each of the six roles
     (from the role table), the generator that stochastic rounding draws from, and optionally an
     :class:`OperandCache` through which Linears fed the same input (q/k/v, gate/up) quantize it once.
+    ``weight_amax``: the weight's per-tensor amax when it is not its own (``fused_global_scale``:
+    the joint amax of the layers a serving engine fuses with it); None: the weight's own.
 
     >>> from hf_nvfp4.ops import GemmPlan
     >>> GemmPlan.from_recipe(NVFP4Recipe(), fprop="bf16").roles["fprop_input"].format
@@ -38,11 +40,13 @@ class GemmPlan:
     roles: dict[str, QuantizerSpec] = field(default_factory=lambda: role_table(NVFP4Recipe()))
     generator: torch.Generator | None = None
     cache: OperandCache | None = None
+    weight_amax: torch.Tensor | None = None
 
     @classmethod
     def from_recipe(cls, recipe: NVFP4Recipe, fprop: str | None = None, backward: str | None = None,
-                    generator: torch.Generator | None = None, cache: OperandCache | None = None) -> GemmPlan:
-        return cls(role_table(recipe, fprop, backward), generator, cache)
+                    generator: torch.Generator | None = None, cache: OperandCache | None = None,
+                    weight_amax: torch.Tensor | None = None) -> GemmPlan:
+        return cls(role_table(recipe, fprop, backward), generator, cache, weight_amax)
 
     def high_precision(self) -> bool:
         return not any(get_format(s.format).quantizes for s in self.roles.values())
@@ -58,6 +62,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _operand(x2: torch.Tensor, spec: QuantizerSpec, dtype, generator=None):
     """(values in dtype, per-tensor factor or None) for one GEMM operand, blocks along the last dim."""
     return get_format(spec.format).gemm_operand(x2, spec, dtype, generator)
+
+
+def _weight_amax(plan: GemmPlan, spec: QuantizerSpec):
+    """The weight's shared amax where its format has a per-tensor scale (None: the weight's own)."""
+    if plan.weight_amax is None or not get_format(spec.format).per_tensor_amax:
+        return None
+    return plan.weight_amax
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, ga, gb, out_dtype) -> torch.Tensor:
@@ -115,7 +126,9 @@ def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dtype = _compute_dtype(x)
     x2 = x.reshape(-1, x.shape[-1])
     xv, gx = _fprop_input(x, x2, plan, dtype)
-    wv, gw = _operand(weight.detach(), plan.roles["fprop_weight"], dtype, plan.generator)
+    wspec = plan.roles["fprop_weight"]
+    wv, gw = get_format(wspec.format).gemm_operand(weight.detach(), wspec, dtype, plan.generator,
+                                                   _weight_amax(plan, wspec))
     y = _mm(xv, wv.t(), gx, gw, dtype)
     if bias is not None:
         y = y + bias.detach().to(dtype)
@@ -135,10 +148,10 @@ class _QuantizedLinear(torch.autograd.Function):
         wspec = roles["fprop_weight"]
         qw = None
         if shared:  # quantized once per step, for Fprop and Dgrad
-            qw = get_format(wspec.format).pack(weight, wspec, dtype, gen)
+            qw = get_format(wspec.format).pack(weight, wspec, dtype, gen, _weight_amax(plan, wspec))
             wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
         else:
-            wv, gw = _operand(weight, wspec, dtype, gen)
+            wv, gw = get_format(wspec.format).gemm_operand(weight, wspec, dtype, gen, _weight_amax(plan, wspec))
         y = _mm(xv, wv.t(), gx, gw, dtype)
         if bias is not None:
             y = y + bias.to(dtype)
@@ -188,10 +201,12 @@ class _QuantizedLinear(torch.autograd.Function):
                 wv, gw = get_format(wspec.format).operand_from_packed(qw, dtype)
                 dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
             elif _square(wspec.tile):  # 2D tiles, but Fprop ran in another format
-                wv, gw = _operand(weight, wspec, dtype, plan.generator)
+                wv, gw = get_format(wspec.format).gemm_operand(weight, wspec, dtype, plan.generator,
+                                                               _weight_amax(plan, wspec))
                 dx = _mm(dyv, wv, gdy, gw, ctx.x_dtype)
             else:  # W quantized along N for Dgrad
-                wtv, gwt = _operand(weight.t(), wspec, dtype, plan.generator)
+                wtv, gwt = get_format(wspec.format).gemm_operand(weight.t(), wspec, dtype, plan.generator,
+                                                                 _weight_amax(plan, wspec))
                 dx = _mm(dyv, wtv[:, :n].t(), gdy, gwt, ctx.x_dtype)
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:

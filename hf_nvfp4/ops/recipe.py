@@ -57,6 +57,7 @@ class NVFP4Recipe:
     seed: int = 0
     rht_gemms: tuple[str, ...] = PAPER_RHT_GEMMS
     stochastic_roles: tuple[str, ...] = PAPER_STOCHASTIC_ROLES
+    fused_global_scale: bool = False
 
     def __post_init__(self) -> None:
         mods = self.modules_to_not_convert
@@ -122,8 +123,8 @@ class NVFP4Recipe:
 
 def validate_fields(obj, owner: str) -> None:
     """Type and range checks shared by NVFP4Recipe and NVFP4Config (same field names)."""
-    for name in ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization"):
-        if not isinstance(getattr(obj, name), bool):
+    for name in ("disable_rht", "disable_stochastic_rounding", "disable_2d_quantization", "fused_global_scale"):
+        if not isinstance(getattr(obj, name, False), bool):
             raise ValueError(f"{owner}.{name} must be True or False, got {getattr(obj, name)!r}")
     r = obj.rht_size
     if not isinstance(r, int) or isinstance(r, bool) or r < 2 or r & (r - 1) or r > MAX_RHT_SIZE:
@@ -192,6 +193,17 @@ def check_format(recipe, format: str, what: str = "recipe") -> None:
         raise ValueError(
             f"{what}: format {format!r} has no stochastic rounding; set disable_stochastic_rounding=True"
         )
+    if getattr(recipe, "fused_global_scale", False):
+        if not fmt.per_tensor_amax:
+            raise ValueError(
+                f"{what}: format {format!r} has no per-tensor scale, so fused_global_scale has nothing to share; "
+                "set fused_global_scale=False"
+            )
+        if not recipe.disable_rht and {"fprop", "dgrad"} & set(recipe.rht_gemms):
+            raise ValueError(
+                f"{what}: fused_global_scale shares the weight's tensor scale, but RHT on {list(recipe.rht_gemms)} "
+                "puts the weight in another basis (a negative control); use one or the other"
+            )
     if not recipe.disable_2d_quantization and fmt.weight_tile is None and fmt.act_tile is not None:
         raise ValueError(
             f"{what}: format {format!r} has no 2D weight scaling; set disable_2d_quantization=True"
