@@ -148,6 +148,9 @@ def find_fused_groups(model: nn.Module, *args, **kwargs) -> list[list[str]]:
 
     Converted models with ``fused_global_scale=True`` do this by themselves at their first forward.
     """
+    pending = model.__dict__.pop("_nvfp4_find_groups", None)  # found now: the first forward need not search
+    if pending is not None:
+        pending.handle.remove()
     try:
         groups = trace_groups(model, args, kwargs)
         how = "traced"
@@ -174,11 +177,7 @@ class _FindAtFirstForward:
         if self.busy:
             return None
         self.busy = True
-        try:
-            find_fused_groups(model, *args, **kwargs)
-        finally:
-            self.handle.remove()
-            model.__dict__.pop("_nvfp4_find_groups", None)
+        find_fused_groups(model, *args, **kwargs)  # removes this hook first
         return None
 
 
