@@ -534,3 +534,34 @@ def test_moe_export_round_trips_through_transformers(arch, tmp_path):
     ids = torch.arange(48).reshape(2, 24) * 5 % 256
     expected = plain(ids).logits.detach()
     assert torch.equal(served["logits"], expected)  # same weights to the bit, same bf16 forward
+
+
+def test_moe_w4a4_modelopt_per_expert_scales(tmp_path):
+    torch.manual_seed(0)
+    model = _train(hf_nvfp4.convert_model(tiny_moe("mixtral", layers=1), NVFP4Config(bf16_last_blocks=0)), 1)
+    batches = [torch.randint(0, 256, (2, 16))]
+    report = export_nvfp4(model, tmp_path / "mo", format="modelopt", scheme="NVFP4", calibration=batches)
+    sd = load_file(tmp_path / "mo" / "model.safetensors")
+    mod = model.model.layers[0].mlp.experts
+    seen = {}  # the experts' two GEMM inputs, measured independently: hidden states, and the gate's output
+    h1 = mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("up", a[0].abs().max().float()))
+    gate = mod._apply_gate
+    mod.__dict__["_apply_gate"] = lambda h: seen.setdefault("down", []).append(gate(h).abs().max().float()) or gate(h)
+    with torch.no_grad():
+        model.eval()(batches[0])
+    h1.remove()
+    del mod.__dict__["_apply_gate"]
+    up_amax, down_amax = seen["up"], torch.stack(seen["down"]).max()
+    p = "model.layers.0.block_sparse_moe.experts"
+    assert report.input_amax["model.layers.0.mlp.experts.gate_up_proj"] == float(up_amax)
+    for e in range(8):
+        gu = quantize_nvfp4(mod.gate_up_proj[e].detach(), tile=(16, 16))
+        i = mod.gate_up_proj.shape[1] // 2
+        assert _same_bits(sd[f"{p}.{e}.w1.weight"], gu.data[:i]) and _same_bits(sd[f"{p}.{e}.w3.weight"], gu.data[i:])
+        for w in ("w1", "w3"):  # one decode factor for gate and up: vLLM's w13_weight_scale_2[:, 0] is exact
+            assert _same_bits(sd[f"{p}.{e}.{w}.weight_scale_2"], gu.amax / (6 * 448.0))
+            assert _same_bits(sd[f"{p}.{e}.{w}.input_scale"], up_amax / (6 * 448.0))
+        assert _same_bits(sd[f"{p}.{e}.w2.input_scale"], down_amax / (6 * 448.0))
+    hq = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["quant_algo"] == "NVFP4" and hq["exclude_modules"] == ["lm_head", "model.embed_tokens",
+                                                                      "model.layers.0.block_sparse_moe.gate"]
