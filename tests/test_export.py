@@ -1,5 +1,6 @@
 """Export to NVFP4 serving checkpoints: compressed-tensors (read back through transformers) and ModelOpt."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -428,6 +429,8 @@ def test_fused_global_scale_refusals_and_groups_without_forward(tmp_path):
     # a forward that cannot run on fake tensors falls back to sibling names, loudly
     groups = find_fused_groups(model, input_ids="not a tensor")
     assert groups == fused_groups(list(_layers(model))) and len(model.nvfp4_fused_groups) == 2
+    twin = copy.deepcopy(model)  # a copy's groups hold the copy's layers
+    assert twin.nvfp4_fused_groups[0].weights()[0] is twin.model.layers[0].self_attn.q_proj.weight
     hf_nvfp4.unconvert_model(model)
     assert "nvfp4_fused_groups" not in model.__dict__ and not any("nvfp4_group" in m.__dict__ for m in model.modules())
 

@@ -138,7 +138,7 @@ def export_to_directory(model, save_directory, fmt, scheme, calibration, tokeniz
     model, source = _load(model)
     names, experts = _quantized_names(model)
     _ensure_fused_groups(model)
-    ckpt = _checkpoint_names(model, experts)
+    ckpt = ex.checkpoint_names_or_own(model, experts)
     report = ExportReport(str(out), fmt, scheme, quantized=names)
     groups = _classify(model, names, experts, report)
     if tokenizer is None and source is not None:
@@ -173,11 +173,11 @@ def export_to_directory(model, save_directory, fmt, scheme, calibration, tokeniz
             bf16 += 2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
             t = t.detach().cpu()
             hp[key] = (t.to(dtype) if t.is_floating_point() else t).clone()
-    tensors.update(_revert(model, hp, ckpt))
+    tensors.update(ex.revert(model, hp, ckpt))
     report.bf16_bytes = bf16
     report.payload_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     report.bytes_written = write_safetensors(tensors, out)
-    ignore = _checkpoint_modules(report.high_precision, by_src, experts)
+    ignore = ex.checkpoint_modules(report.high_precision, by_src)
     _write_configs(model, out, fmt, scheme, dtype, report, ignore)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -257,65 +257,11 @@ def _quantized_names(model: nn.Module) -> tuple[list[str], dict[str, nn.Module]]
     return names, experts
 
 
-def unexported_expert_params(model: nn.Module) -> list[str]:
-    """3-D parameters outside any Linear, Embedding, Conv and outside the NVFP4 experts the export writes."""
-    skip = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
-    done = ex.converted_experts(model)
-    out = []
-    for mname, mod in model.named_modules():
-        if not isinstance(mod, skip) and mname not in done:
-            out += [f"{mname}.{p}".lstrip(".") for p, t in mod.named_parameters(recurse=False) if t.ndim == 3]
-    return out
-
-
 def _ensure_fused_groups(model: nn.Module) -> None:
     """fused_global_scale: a model that never ran a forward finds its groups now (a fake-tensor trace)."""
     if "_nvfp4_find_groups" in model.__dict__:
         device = next(model.parameters()).device
         find_fused_groups(model, input_ids=torch.zeros(1, 16, dtype=torch.long, device=device))
-
-
-def _checkpoint_names(model: nn.Module, experts: dict) -> dict[str, tuple[str, int | None, int | None]]:
-    """{checkpoint key: (state_dict key, expert, half)}: the names ``save_pretrained`` writes (per expert)."""
-    try:
-        return ex.checkpoint_names(model)
-    except ValueError:
-        if experts:
-            raise
-    except Exception as exc:  # noqa: BLE001 - a model-specific reverse mapping that placeholders cannot drive
-        if experts:
-            raise ValueError(
-                f"export_nvfp4: could not derive the per-expert checkpoint names of {type(model).__name__} from "
-                f"transformers' conversion mapping ({type(exc).__name__}: {exc})"
-            ) from exc
-    return {k: (k, None, None) for k in model.state_dict()}  # dense model: its own names
-
-
-def _revert(model: nn.Module, hp: dict, ckpt: dict) -> dict:
-    """The high-precision tensors under their checkpoint names (transformers' reverse mapping)."""
-    if all(k == v[0] for k, v in ckpt.items()):
-        return hp
-    from transformers.core_model_loading import revert_weight_conversion
-
-    return revert_weight_conversion(model, hp)
-
-
-def _checkpoint_modules(high_precision: dict, by_src: dict, experts: dict) -> list[str]:
-    """The checkpoint module names of what stays high precision (compressed-tensors ``ignore``,
-    ModelOpt ``exclude_modules``): an experts module adds its own name and one per expert matrix."""
-    out = set()
-    for n in high_precision:
-        keys = by_src.get(f"{n}.weight")
-        if keys:
-            out |= {k.removesuffix(".weight") for k, _, _ in keys}
-            continue
-        per_expert = [k for src, v in by_src.items() if src.rpartition(".")[0] == n for k, e, _ in v if e is not None]
-        if per_expert:  # an experts module kept in BF16: ...experts and ...experts.{e}.gate_proj
-            out |= {k.removesuffix(".weight") for k in per_expert}
-            out.add(per_expert[0].removesuffix(".weight").rsplit(".", 2)[0])
-        else:
-            out.add(n)
-    return sorted(out)
 
 
 def fused_groups(linear_names: list[str]) -> list[list[str]]:

@@ -1,4 +1,5 @@
-"""Mixture-of-experts export: per-expert NVFP4 tensors under the checkpoint names vLLM loads.
+"""Checkpoint names for the export, and mixture-of-experts export: per-expert NVFP4 tensors
+under the checkpoint names vLLM loads.
 
 transformers 5.x keeps an MoE block's routed experts as 3-D parameters (``gate_up_proj``
 ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``), but the checkpoints vLLM reads name one Linear per
@@ -42,6 +43,8 @@ def converted_experts(model: nn.Module) -> dict[str, nn.Module]:
 def unsupported_layout(mod: nn.Module) -> str | None:
     """Why vLLM's NVFP4 MoE loaders cannot take this experts module's weights as they are (None: they can)."""
     cls = type(mod).__name__
+    if getattr(getattr(mod, "nvfp4_experts", None), "adapter", None):
+        return f"{cls} trains through hf_nvfp4's own adapter; its serving layout is not wired for export"
     if getattr(mod, "is_transposed", False):
         return f"{cls} stores its experts transposed ([E, in, out]; vLLM reads per-expert [out, in] NVFP4)"
     if not getattr(mod, "is_concatenated", True):
@@ -125,4 +128,47 @@ def expert_module_names(model: nn.Module, names: dict[str, tuple], experts_modul
     for key, (src, e, _) in names.items():
         if e is not None and src.rpartition(".")[0] == experts_module:
             out.append(key.removesuffix(".weight"))
+    return sorted(out)
+
+
+def checkpoint_names_or_own(model: nn.Module, experts: dict) -> dict[str, tuple[str, int | None, int | None]]:
+    """{checkpoint key: (state_dict key, expert, half)}: the names ``save_pretrained`` writes (per expert)."""
+    try:
+        return checkpoint_names(model)
+    except ValueError:
+        if experts:
+            raise
+    except Exception as exc:  # noqa: BLE001 - a model-specific reverse mapping that placeholders cannot drive
+        if experts:
+            raise ValueError(
+                f"export_nvfp4: could not derive the per-expert checkpoint names of {type(model).__name__} from "
+                f"transformers' conversion mapping ({type(exc).__name__}: {exc})"
+            ) from exc
+    return {k: (k, None, None) for k in model.state_dict()}  # dense model: its own names
+
+
+def revert(model: nn.Module, hp: dict, ckpt: dict) -> dict:
+    """The high-precision tensors under their checkpoint names (transformers' reverse mapping)."""
+    if all(k == v[0] for k, v in ckpt.items()):
+        return hp
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, hp)
+
+
+def checkpoint_modules(high_precision: dict, by_src: dict) -> list[str]:
+    """The checkpoint module names of what stays high precision (compressed-tensors ``ignore``,
+    ModelOpt ``exclude_modules``): an experts module adds its own name and one per expert matrix."""
+    out = set()
+    for n in high_precision:
+        keys = by_src.get(f"{n}.weight")
+        if keys:
+            out |= {k.removesuffix(".weight") for k, _, _ in keys}
+            continue
+        per_expert = [k for src, v in by_src.items() if src.rpartition(".")[0] == n for k, e, _ in v if e is not None]
+        if per_expert:  # an experts module kept in BF16: ...experts and ...experts.{e}.gate_proj
+            out |= {k.removesuffix(".weight") for k in per_expert}
+            out.add(per_expert[0].removesuffix(".weight").rsplit(".", 2)[0])
+        else:
+            out.add(n)
     return sorted(out)

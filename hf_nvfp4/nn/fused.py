@@ -26,7 +26,6 @@ always share one scale (no group needed).
 from __future__ import annotations
 
 import logging
-import weakref
 
 import torch
 import torch.nn as nn
@@ -51,20 +50,18 @@ class FusedGroup:
     """Converted Linears that share one weight tensor scale: the max of their weights' amax.
 
     The joint amax is recomputed only when a member's weight changed (optimizer step, load):
-    keyed by each weight's storage and version counter.
+    keyed by each weight's storage and version counter. Members are held by plain references, so
+    a deep copy of the model gets groups of its own layers.
     """
 
     def __init__(self, names: list[str], layers: list[NVFP4Linear]):
         self.names = tuple(names)
-        self._layers = [weakref.ref(m) for m in layers]
+        self._layers = list(layers)
         self._key: tuple | None = None
         self._amax: torch.Tensor | None = None
 
     def weights(self) -> list[torch.Tensor]:
-        out = [r() for r in self._layers]
-        if any(m is None for m in out):
-            raise RuntimeError(f"fused group {self.names}: a member layer no longer exists; convert the model again")
-        return [m.weight for m in out]
+        return [m.weight for m in self._layers]
 
     @torch.no_grad()
     def amax(self) -> torch.Tensor:
@@ -148,9 +145,7 @@ def find_fused_groups(model: nn.Module, *args, **kwargs) -> list[list[str]]:
 
     Converted models with ``fused_global_scale=True`` do this by themselves at their first forward.
     """
-    pending = model.__dict__.pop("_nvfp4_find_groups", None)  # found now: the first forward need not search
-    if pending is not None:
-        pending.handle.remove()
+    _drop_finder(model)  # found now: the first forward need not search
     try:
         groups = trace_groups(model, args, kwargs)
         how = "traced"
@@ -170,7 +165,7 @@ class _FindAtFirstForward:
     """A forward pre-hook (with kwargs) on the converted model: find the groups once, then remove itself."""
 
     def __init__(self, model: nn.Module):
-        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+        model.register_forward_pre_hook(self, with_kwargs=True)
         self.busy = False
 
     def __call__(self, model, args, kwargs):
@@ -188,11 +183,18 @@ def convert_fused(model: nn.Module, state: NVFP4State) -> None:
         model.__dict__["_nvfp4_find_groups"] = _FindAtFirstForward(model)
 
 
+def _drop_finder(model: nn.Module) -> None:
+    """Remove a pending first-forward search (found by type, so a deep copy's own hook goes too)."""
+    model.__dict__.pop("_nvfp4_find_groups", None)
+    for k, v in list(model._forward_pre_hooks.items()):
+        if isinstance(v, _FindAtFirstForward):
+            del model._forward_pre_hooks[k]
+            model._forward_pre_hooks_with_kwargs.pop(k, None)
+
+
 def unconvert_fused(model: nn.Module) -> None:
     """``ON_UNCONVERT``: drop the groups and a pending first-forward search."""
-    hook = model.__dict__.pop("_nvfp4_find_groups", None)
-    if hook is not None:
-        hook.handle.remove()
+    _drop_finder(model)
     model.__dict__.pop("nvfp4_fused_groups", None)
     for m in model.modules():
         m.__dict__.pop("nvfp4_group", None)
