@@ -492,6 +492,8 @@ def test_moe_export_round_trips_through_transformers(arch, tmp_path):
     report = export_nvfp4(model, tmp_path / "ct")
     experts = {n: m for n, m in model.named_modules() if getattr(m, "nvfp4_experts", None) is not None}
     assert set(report.experts) == set(experts) and len(experts) == 2
+    # traced with the experts in the model: q/k/v of each block (the MLPs are experts: one matrix each)
+    assert [len(g.names) for g in model.nvfp4_fused_groups] == [3, 3]
     assert all(v["bit_identical"] for v in report.layers.values())
     sd = load_file(tmp_path / "ct" / "model.safetensors")
     mlp = "mlp" if arch == "qwen3_moe" else "block_sparse_moe"

@@ -403,3 +403,13 @@ def test_adapters_bring_jetmoe_and_llama4_experts_into_nvfp4(arch, caplog):
         assert torch.equal(mod(x, sizes) if arch == "jetmoe" else mod(x), high)
     hf_nvfp4.unconvert_model(model)
     assert all("forward" not in m.__dict__ and "nvfp4_experts" not in m.__dict__ for m in mods)
+
+
+def test_experts_ask_the_same_plan_as_linears():
+    """One plan code for Linears and experts: the same role table, SR generator and operand cache."""
+    model = hf_nvfp4.convert_model(tiny_moe("qwen3_moe"), ALL_NVFP4)
+    rec = experts_modules(model)[0].nvfp4_experts
+    lin = next(m for m in model.modules() if isinstance(m, hf_nvfp4.NVFP4Linear))
+    a, b = rec.plan(torch.device("cpu")), lin.plan(torch.device("cpu"))
+    assert a.roles == b.roles and a.generator is b.generator
+    assert a.cache is b.cache is model.nvfp4_state.operand_cache and a.weight_amax is None
