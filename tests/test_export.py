@@ -412,6 +412,19 @@ def test_fused_global_scale_serves_exactly_what_trained(fused, tmp_path):
         assert "worst per-element change" in report.summary()
 
 
+def test_fused_groups_found_at_a_first_forward_under_autocast_or_generate():
+    recipe = NVFP4Config(bf16_last_blocks=0, fused_global_scale=True)
+    model = hf_nvfp4.convert_model(tiny("llama", layers=2), recipe)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast caches parameter casts: no fake one may leak
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert [len(g.names) for g in model.nvfp4_fused_groups] == [3, 2, 3, 2]
+    model = hf_nvfp4.convert_model(tiny("llama", layers=2), recipe).eval()
+    prompt = torch.randint(3, 200, (1, 8))  # generate(): the first call carries a KV cache
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 11) and len(model.nvfp4_fused_groups) == 4
+
+
 def test_fused_global_scale_refusals_and_groups_without_forward(tmp_path):
     from hf_nvfp4.nn.fused import find_fused_groups
     from hf_nvfp4.nn.te_backend import te_unsupported_reason

@@ -25,6 +25,7 @@ always share one scale (no group needed).
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -38,6 +39,7 @@ logger = logging.getLogger("hf_nvfp4")
 # w1/w3 of Mixtral-style experts). Used by the export, and as the trace's fallback.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 _TRACING = [False]
+CACHE_ARGS = ("past_key_values", "cache_params", "past_key_value")
 
 
 def tracing() -> bool:
@@ -83,7 +85,7 @@ def _linears(model: nn.Module) -> dict[nn.Module, str]:
 def trace_groups(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> list[list[str]]:
     """Names of the converted Linears that read the identical input tensor in one forward of
     ``model(*args, **kwargs)``, run under FakeTensorMode in high precision (nothing computed)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     linears = _linears(model)
     seen: dict[int, tuple[torch.Tensor, list[str]]] = {}  # the tensor is kept: ids of freed tensors get reused
@@ -92,6 +94,13 @@ def trace_groups(model: nn.Module, args: tuple = (), kwargs: dict | None = None)
         t = inputs[0]
         seen.setdefault(id(t), (t, []))[1].append(linears[mod])
 
+    kwargs = dict(kwargs or {})
+    for k in CACHE_ARGS:  # a generation cache given to the first call must not receive fake entries
+        kwargs.pop(k, None)
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    saved = [(m, dict(m._buffers), {k: v for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)})
+             for m in model.modules()]
     handles = [m.register_forward_pre_hook(record) for m in linears]
     states = {id(m.nvfp4_state): m.nvfp4_state for m in linears}
     state = getattr(model, "nvfp4_state", None)
@@ -103,11 +112,21 @@ def trace_groups(model: nn.Module, args: tuple = (), kwargs: dict | None = None)
         for st in states.values():  # high precision: plain F.linear on fake tensors
             st.set_precision("bf16", None)
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-            model(*args, **(kwargs or {}))
+            model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
         _TRACING[0] = False
+        # autocast caches casts of parameters until its region ends: drop the fake ones it made here
+        torch.clear_autocast_cache()
+        for m, buffers, tensors in saved:  # and undo any state the forward left on a module
+            m._buffers.update(buffers)
+            for k, v in list(m.__dict__.items()):
+                if isinstance(v, FakeTensor):
+                    if k in tensors:
+                        m.__dict__[k] = tensors[k]
+                    else:
+                        del m.__dict__[k]
         for k, st in states.items():
             st.set_precision(*switched[k])
     return [names for _, names in seen.values() if len(names) > 1]
@@ -172,7 +191,13 @@ class _FindAtFirstForward:
         if self.busy:
             return None
         self.busy = True
-        find_fused_groups(model, *args, **kwargs)  # removes this hook first
+        # a language model is traced on its token ids alone: no cache, mask or generation state
+        # of the caller's call takes part (they may hold state a fake forward must not touch)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+            find_fused_groups(model, input_ids=ids)  # removes this hook first
+        else:
+            find_fused_groups(model, *args, **kwargs)
         return None
 
 
