@@ -425,6 +425,16 @@ def test_fused_groups_found_at_a_first_forward_under_autocast_or_generate():
     assert out.shape == (1, 11) and len(model.nvfp4_fused_groups) == 4
 
 
+def test_traced_groups_are_the_ones_vllm_fuses_in_mla_and_moe_models():
+    from hf_nvfp4.nn.fused import named_groups
+
+    model = hf_nvfp4.convert_model(tiny_moe("deepseek_v3"), NVFP4Config(bf16_last_blocks=0, fused_global_scale=True))
+    model(torch.randint(0, 256, (1, 16)))  # the first forward finds them: no name list involved
+    traced = [list(g.names) for g in model.nvfp4_fused_groups]
+    assert sorted(traced) == sorted(named_groups(model))  # q_a_proj + kv_a_proj_with_mqa, gate/up (dense, shared)
+    assert any(g[0].endswith("q_a_proj") for g in traced) and any(g[0].endswith("gate_proj") for g in traced)
+
+
 def test_fused_global_scale_refusals_and_groups_without_forward(tmp_path):
     from hf_nvfp4.nn.fused import find_fused_groups
     from hf_nvfp4.nn.te_backend import te_unsupported_reason

@@ -7,12 +7,12 @@ quantizes its weight with the group's joint amax during training, and the export
 exactly that.
 
 Groups come from the model's structure: the converted Linears that read the very same input
-tensor in one forward. That forward is traced once, at the model's first call, with the
-caller's own arguments under ``FakeTensorMode`` (shapes only: no compute, no memory, no random
-draws). If the trace cannot run (a model whose forward depends on data values), the groups fall
-back to sibling names (:data:`FUSED_SIBLINGS`, vLLM's ``packed_modules_mapping``) with equal
-input width, and a warning says so. An expert's gate and up are one ``[2I, H]`` matrix, so they
-always share one scale (no group needed).
+tensor in one forward. That forward is traced once, at the model's first call, on the caller's
+token ids (its own arguments when it gives none) under ``FakeTensorMode`` (shapes only: no
+compute, no memory, no random draws). If the trace cannot run (a model whose forward depends
+on data values), the groups fall back to sibling names (:data:`FUSED_SIBLINGS`, vLLM's
+``packed_modules_mapping``) with equal input width, and a warning says so. An expert's gate and
+up are one ``[2I, H]`` matrix, so they always share one scale (no group needed).
 
 >>> import torch, hf_nvfp4
 >>> from transformers import LlamaConfig
@@ -35,9 +35,11 @@ from .convert import ON_CONVERT, ON_UNCONVERT
 from .linear import NVFP4Linear, NVFP4State
 
 logger = logging.getLogger("hf_nvfp4")
-# The groups serving engines fuse by name (vLLM's packed_modules_mapping: qkv_proj, gate_up_proj;
-# w1/w3 of Mixtral-style experts). Used by the export, and as the trace's fallback.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+# The groups serving engines fuse by name (vLLM's packed_modules_mapping: qkv_proj, gate_up_proj,
+# DeepSeek/GLM's fused_qkv_a_proj; w1/w3 of Mixtral-style experts). Used by the export, and as the
+# trace's fallback.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
+                  ("w1", "w3"))
 _TRACING = [False]
 CACHE_ARGS = ("past_key_values", "cache_params", "past_key_value")
 
