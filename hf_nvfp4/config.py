@@ -64,6 +64,9 @@ class NVFP4Recipe:
     rht_gemms / stochastic_roles: where RHT and stochastic rounding go. The defaults are the
         paper's (RHT on the Wgrad GEMM, SR on the two gradient operands); anything else is a
         negative control for ablations (emulated backend only).
+    fused_global_scale: layers a serving engine fuses (q/k/v, gate/up, an expert's gate/up) share
+        one weight tensor scale from their joint amax, so an export serves exactly the trained
+        weights. False (default) is TE's per-layer scale.
 
     :class:`hf_nvfp4.NVFP4Config` (the HF quantization config) has exactly these fields. Change a
     converted model's recipe with :func:`hf_nvfp4.set_recipe`, never by mutation.
@@ -84,6 +87,7 @@ class NVFP4Recipe:
     seed: int = 0
     rht_gemms: tuple[str, ...] = PAPER_RHT_GEMMS
     stochastic_roles: tuple[str, ...] = PAPER_STOCHASTIC_ROLES
+    fused_global_scale: bool = False
 
     def __post_init__(self) -> None:
         mods = self.modules_to_not_convert
@@ -228,6 +232,17 @@ def check_format(recipe: NVFP4Recipe, format: str, what: str = "recipe") -> None
         raise ValueError(
             f"{what}: format {format!r} has no stochastic rounding; set disable_stochastic_rounding=True"
         )
+    if recipe.fused_global_scale:
+        if not fmt.per_tensor_amax:
+            raise ValueError(
+                f"{what}: format {format!r} has no per-tensor scale, so fused_global_scale has nothing to share; "
+                "set fused_global_scale=False"
+            )
+        if not recipe.disable_rht and {"fprop", "dgrad"} & set(recipe.rht_gemms):
+            raise ValueError(
+                f"{what}: fused_global_scale shares the weight's tensor scale, but RHT on {list(recipe.rht_gemms)} "
+                "puts the weight in another basis (a negative control); use one or the other"
+            )
     if not recipe.disable_2d_quantization and fmt.weight_tile is None and fmt.act_tile is not None:
         raise ValueError(
             f"{what}: format {format!r} has no 2D weight scaling; set disable_2d_quantization=True"

@@ -1,5 +1,6 @@
 """Export to NVFP4 serving checkpoints: compressed-tensors (read back through transformers) and ModelOpt."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from models import tiny
+from models import tiny, tiny_moe
 from safetensors.torch import load_file
 
 import hf_nvfp4
@@ -267,7 +268,7 @@ def test_cli_exports_a_run_dir_and_refuses_to_overwrite(run_dir, tmp_path, capsy
     model, run = run_dir
     out = tmp_path / "served"
     assert main(["export", str(run), str(out)]) == 0
-    assert "bit-exact with the training-time quantization" in capsys.readouterr().out
+    assert "bit-identical to the weights training computed with" in capsys.readouterr().out
     assert (out / "tokenizer_config.json").is_file() and (out / "generation_config.json").is_file()
     export_nvfp4(model, tmp_path / "direct")
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "direct" / "model.safetensors")
@@ -364,10 +365,8 @@ def test_bad_input_gets_clear_errors(trained, tmp_path):
     mixed = hf_nvfp4.convert_model(tiny("llama", layers=2), NVFP4Config(modules_to_not_convert=["*.k_proj"]))
     with pytest.raises(ValueError, match=r"q_proj \(NVFP4\), model.layers.0.self_attn.k_proj \(high precision\)"):
         export_nvfp4(mixed, tmp_path / "a")
-    moe = hf_nvfp4.convert_model(tiny("llama", layers=2))
-    moe.model.layers[0].mlp.experts = nn.Module()
-    moe.model.layers[0].mlp.experts.gate_up_proj = nn.Parameter(torch.zeros(4, 32, 64))
-    with pytest.raises(NotImplementedError, match="experts.gate_up_proj"):
+    moe = hf_nvfp4.convert_model(tiny_moe("gpt_oss"), NVFP4Config(bf16_last_blocks=0))
+    with pytest.raises(ValueError, match="GptOssExperts stores its experts transposed"):
         export_nvfp4(moe, tmp_path / "a")
     assert not (tmp_path / "a").exists()  # nothing written by any refused export
 
@@ -387,3 +386,233 @@ def test_write_safetensors_shards_with_an_index(tmp_path, monkeypatch):
     assert written == sum(p.stat().st_size for p in shards)
     loaded = {k: v for p in shards for k, v in load_file(p).items()}
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+# ----------------------------------------------------------------------------- fused_global_scale
+
+
+def _served_outputs(model, sd, ids):
+    """Each NVFP4 layer's output in the model's own forward, and the same GEMM computed with the weight
+    decoded from the ModelOpt export (codes x E4M3 scale x weight_scale_2, fp32) in place of training's."""
+    from hf_nvfp4.formats.nvfp4 import nvfp4_gemm_operand
+
+    seen, hooks = {}, []
+    for n, m in _layers(model).items():
+        hooks.append(m.register_forward_hook(lambda mod, a, y, n=n: seen.__setitem__(n, (a[0], y))))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for n, (x, y) in seen.items():
+        xv, gx = nvfp4_gemm_operand(x.reshape(-1, x.shape[-1]), dtype=torch.float32)
+        wv = _decode(sd[f"{n}.weight"], sd[f"{n}.weight_scale"])  # exact in fp32
+        out[n] = (y.reshape(-1, y.shape[-1]), (xv @ wv.t()).mul_(gx * sd[f"{n}.weight_scale_2"]))
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_global_scale_serves_exactly_what_trained(fused, tmp_path):
+    torch.manual_seed(0)
+    recipe = NVFP4Config(bf16_last_blocks=0, fused_global_scale=fused)
+    model = _train(hf_nvfp4.convert_model(tiny("llama", layers=2), recipe), 2).eval()
+    groups = [list(g.names) for g in model.__dict__.get("nvfp4_fused_groups", [])]
+    report = export_nvfp4(model, tmp_path / "mo", format="modelopt")
+    sd = load_file(tmp_path / "mo" / "model.safetensors")
+    outputs = _served_outputs(model, sd, torch.randint(0, 256, (2, 24)))
+    assert len(outputs) == 14 and set(report.layers) == set(outputs)
+    same = {n: torch.equal(y, y_served) for n, (y, y_served) in outputs.items()}
+    if fused:  # groups found by tracing, not by names: q/k/v and gate/up of both blocks
+        assert groups == fused_groups(list(_layers(model)))
+        assert all(same.values()) and all(v["bit_identical"] for v in report.layers.values())
+        for g in groups:  # one tensor scale per fused GEMM, as vLLM wants it, and the one training used
+            assert len({float(sd[f"{m}.weight_scale_2"]) for m in g}) == 1
+        assert "bit-identical to the weights training computed with: 14 of 14 layers" in report.summary()
+        assert "worst per-element change" not in report.summary()
+    else:  # TE's per-layer scales: the smaller siblings are re-quantized at export, and their outputs move
+        assert not groups
+        moved = {n for n, v in report.layers.items() if not v["bit_identical"]}
+        assert moved and moved == {n for n, s in same.items() if not s}
+        assert all(report.layers[n]["max_abs_change"] > 0 for n in moved)
+        assert "worst per-element change" in report.summary()
+
+
+def test_fused_groups_found_at_a_first_forward_under_autocast_or_generate():
+    recipe = NVFP4Config(bf16_last_blocks=0, fused_global_scale=True)
+    model = hf_nvfp4.convert_model(tiny("llama", layers=2), recipe)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast caches parameter casts: no fake one may leak
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert [len(g.names) for g in model.nvfp4_fused_groups] == [3, 2, 3, 2]
+    model = hf_nvfp4.convert_model(tiny("llama", layers=2), recipe).eval()
+    prompt = torch.randint(3, 200, (1, 8))  # generate(): the first call carries a KV cache
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 11) and len(model.nvfp4_fused_groups) == 4
+
+
+def test_traced_groups_are_the_ones_vllm_fuses_in_mla_and_moe_models():
+    from hf_nvfp4.nn.fused import named_groups
+
+    model = hf_nvfp4.convert_model(tiny_moe("deepseek_v3"), NVFP4Config(bf16_last_blocks=0, fused_global_scale=True))
+    model(torch.randint(0, 256, (1, 16)))  # the first forward finds them: no name list involved
+    traced = [list(g.names) for g in model.nvfp4_fused_groups]
+    assert sorted(traced) == sorted(named_groups(model))  # q_a_proj + kv_a_proj_with_mqa, gate/up (dense, shared)
+    assert any(g[0].endswith("q_a_proj") for g in traced) and any(g[0].endswith("gate_proj") for g in traced)
+
+
+def test_fused_global_scale_refusals_and_groups_without_forward(tmp_path):
+    from hf_nvfp4.nn.fused import find_fused_groups
+    from hf_nvfp4.nn.te_backend import te_unsupported_reason
+
+    with pytest.raises(ValueError, match="no per-tensor scale, so fused_global_scale"):
+        NVFP4Config(format="mxfp4", fused_global_scale=True)
+    with pytest.raises(ValueError, match="fused_global_scale must be True or False"):
+        NVFP4Config(fused_global_scale="yes")
+    assert "fused_global_scale" in te_unsupported_reason(NVFP4Config(fused_global_scale=True))
+    # exported before any forward: the exporter traces the groups itself
+    model = hf_nvfp4.convert_model(tiny("llama", layers=1), NVFP4Config(bf16_last_blocks=0, fused_global_scale=True))
+    assert "nvfp4_fused_groups" not in model.__dict__
+    report = export_nvfp4(model, tmp_path / "a")
+    assert len(model.nvfp4_fused_groups) == 2 and all(v["bit_identical"] for v in report.layers.values())
+    # a forward that cannot run on fake tensors falls back to sibling names, loudly
+    groups = find_fused_groups(model, input_ids="not a tensor")
+    assert groups == fused_groups(list(_layers(model))) and len(model.nvfp4_fused_groups) == 2
+    twin = copy.deepcopy(model)  # a copy's groups hold the copy's layers
+    assert twin.nvfp4_fused_groups[0].weights()[0] is twin.model.layers[0].self_attn.q_proj.weight
+    hf_nvfp4.unconvert_model(model)
+    assert "nvfp4_fused_groups" not in model.__dict__ and not any("nvfp4_group" in m.__dict__ for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- MoE export
+
+SERVE_MOE = r"""
+import json, sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationScheme
+
+path, out = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(path)  # bf16, as compressed-tensors decompresses
+sd = load_file(path + "/model.safetensors")
+qc = json.load(open(path + "/config.json"))["quantization_config"]
+scheme = QuantizationScheme(targets=["Linear"], **{k: v for k, v in qc["config_groups"]["group_0"].items()
+                                                   if k in ("weights", "input_activations")})
+comp = BaseCompressor.get_value_from_registry(qc["format"])
+patched = []
+for name, mod in model.named_modules():
+    if not hasattr(mod, "gate_up_proj") or getattr(mod, "is_transposed", True):
+        continue
+    # the checkpoint's experts as compressed-tensors decompresses them, names from the report
+    rep = json.load(open(path + "/nvfp4_export.json"))["experts"][name]
+    base = rep["checkpoint_names"][0].rsplit(".", 2)[0]
+    mixtral = any(k.startswith(f"{base}.0.w1.") for k in sd)
+    g, u, d = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    def dq(e, p):
+        part = {k.rsplit(".", 1)[1]: v for k, v in sd.items() if k.startswith(f"{base}.{e}.{p}.")}
+        return comp.decompress(part, scheme)["weight"].to(mod.gate_up_proj.dtype)
+    E = mod.gate_up_proj.shape[0]
+    gate_up = torch.stack([torch.cat([dq(e, g), dq(e, u)]) for e in range(E)])
+    down = torch.stack([dq(e, d) for e in range(E)])
+    if not (torch.equal(mod.gate_up_proj.data, gate_up) and torch.equal(mod.down_proj.data, down)):
+        # transformers <= 5.25 drops weight_global_scale on this path (huggingface/transformers#48371)
+        mod.gate_up_proj.data.copy_(gate_up); mod.down_proj.data.copy_(down); patched.append(name)
+ids = torch.arange(48).reshape(2, 24) * 5 % 256
+logits = model(ids).logits.detach()  # the first forward decompresses the dense layers
+tensors = {k: v.contiguous() for k, v in model.state_dict().items() if v.is_floating_point() and v.dtype.itemsize > 1}
+tensors["logits"] = logits
+save_file(tensors, out)
+assert "hf_nvfp4" not in sys.modules
+print(json.dumps({"patched": patched}))
+"""
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_export_round_trips_through_transformers(arch, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from hf_nvfp4.formats.nvfp4 import quantize_nvfp4 as q16
+
+    torch.manual_seed(0)
+    recipe = NVFP4Config(bf16_last_blocks=0, fused_global_scale=True)
+    model = _train(hf_nvfp4.convert_model(tiny_moe(arch), recipe), 2).eval()
+    report = export_nvfp4(model, tmp_path / "ct")
+    experts = {n: m for n, m in model.named_modules() if getattr(m, "nvfp4_experts", None) is not None}
+    assert set(report.experts) == set(experts) and len(experts) == 2
+    # traced with the experts in the model: q/k/v of each block (the MLPs are experts: one matrix each)
+    assert [len(g.names) for g in model.nvfp4_fused_groups] == [3, 3]
+    assert all(v["bit_identical"] for v in report.layers.values())
+    sd = load_file(tmp_path / "ct" / "model.safetensors")
+    mlp = "mlp" if arch == "qwen3_moe" else "block_sparse_moe"
+    gate, up, down = ("gate_proj", "up_proj", "down_proj") if arch == "qwen3_moe" else ("w1", "w3", "w2")
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == ["lm_head", "model.embed_tokens", f"model.layers.0.{mlp}.gate", f"model.layers.1.{mlp}.gate"]
+    for n, mod in experts.items():  # the layout vLLM's FusedMoE loads: one Linear per expert and projection
+        layer = n.split(".")[2]
+        for e in range(8):
+            p = f"model.layers.{layer}.{mlp}.experts.{e}"
+            gu = q16(mod.gate_up_proj[e].detach(), tile=(16, 16))
+            i = mod.gate_up_proj.shape[1] // 2
+            assert _same_bits(sd[f"{p}.{gate}.weight_packed"], gu.data[:i])
+            assert _same_bits(sd[f"{p}.{up}.weight_scale"], gu.scale[i:])
+            assert _same_bits(sd[f"{p}.{gate}.weight_global_scale"], sd[f"{p}.{up}.weight_global_scale"])
+            assert _same_bits(sd[f"{p}.{down}.weight_packed"], q16(mod.down_proj[e].detach(), tile=(16, 16)).data)
+    out = tmp_path / "served.safetensors"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", SERVE_MOE, str(tmp_path / "ct"), str(out)], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    served = load_file(out)
+    state = {}  # a plain model computing with the training-time operands, rounded to bf16 as compressed-tensors does
+    for k, t in model.state_dict().items():
+        mod_name, _, leaf = k.rpartition(".")
+        if mod_name in experts:
+            ref = torch.stack([hf_nvfp4.fake_quantize_nvfp4(w, tile=(16, 16)) for w in t.detach()])
+            ref = ref.to(torch.bfloat16)
+            assert torch.equal(served[k], ref), k  # the experts' dequantized weights are the training operands
+            state[k] = ref
+        elif mod_name in _layers(model):  # its fused group's amax: q/k/v and gate/up of the shared expert
+            group = _layers(model)[mod_name].__dict__.get("nvfp4_group")
+            amax = None if group is None else group.amax()
+            state[k] = hf_nvfp4.fake_quantize_nvfp4(t.detach(), tile=(16, 16), amax=amax).to(torch.bfloat16)
+        else:
+            state[k] = t.detach().to(torch.bfloat16)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(cfg), dtype=torch.bfloat16)
+    plain.load_state_dict(state)
+    for k, t in state.items():  # every tensor the served model computes with
+        assert torch.equal(served[k], t), k
+    ids = torch.arange(48).reshape(2, 24) * 5 % 256
+    expected = plain(ids).logits.detach()
+    assert torch.equal(served["logits"], expected)  # same weights to the bit, same bf16 forward
+
+
+def test_moe_w4a4_modelopt_per_expert_scales(tmp_path):
+    torch.manual_seed(0)
+    model = _train(hf_nvfp4.convert_model(tiny_moe("mixtral", layers=1), NVFP4Config(bf16_last_blocks=0)), 1)
+    batches = [torch.randint(0, 256, (2, 16))]
+    report = export_nvfp4(model, tmp_path / "mo", format="modelopt", scheme="NVFP4", calibration=batches)
+    sd = load_file(tmp_path / "mo" / "model.safetensors")
+    mod = model.model.layers[0].mlp.experts
+    seen = {}  # the experts' two GEMM inputs, measured independently: hidden states, and the gate's output
+    h1 = mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("up", a[0].abs().max().float()))
+    gate = mod._apply_gate
+    mod.__dict__["_apply_gate"] = lambda h: seen.setdefault("down", []).append(gate(h).abs().max().float()) or gate(h)
+    with torch.no_grad():
+        model.eval()(batches[0])
+    h1.remove()
+    del mod.__dict__["_apply_gate"]
+    up_amax, down_amax = seen["up"], torch.stack(seen["down"]).max()
+    p = "model.layers.0.block_sparse_moe.experts"
+    assert report.input_amax["model.layers.0.mlp.experts.gate_up_proj"] == float(up_amax)
+    for e in range(8):
+        gu = quantize_nvfp4(mod.gate_up_proj[e].detach(), tile=(16, 16))
+        i = mod.gate_up_proj.shape[1] // 2
+        assert _same_bits(sd[f"{p}.{e}.w1.weight"], gu.data[:i]) and _same_bits(sd[f"{p}.{e}.w3.weight"], gu.data[i:])
+        for w in ("w1", "w3"):  # one decode factor for gate and up: vLLM's w13_weight_scale_2[:, 0] is exact
+            assert _same_bits(sd[f"{p}.{e}.{w}.weight_scale_2"], gu.amax / (6 * 448.0))
+            assert _same_bits(sd[f"{p}.{e}.{w}.input_scale"], up_amax / (6 * 448.0))
+        assert _same_bits(sd[f"{p}.{e}.w2.input_scale"], down_amax / (6 * 448.0))
+    hq = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["quant_algo"] == "NVFP4" and hq["exclude_modules"] == ["lm_head", "model.embed_tokens",
+                                                                      "model.layers.0.block_sparse_moe.gate"]

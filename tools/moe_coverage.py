@@ -2,6 +2,7 @@
 
     python tools/moe_coverage.py            # transformers' config-class defaults (real model sizes)
     python tools/moe_coverage.py --tiny     # the tiny test-sized configs (hidden 64, 8 experts, top-2)
+    python tools/moe_coverage.py --all      # every MoE model type in the installed transformers (defaults)
 
 Models are built on the meta device (shapes only, no memory, no download) and converted
 three ways: Linear layers only (what the plugin covered before experts support, emulated
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -81,11 +84,80 @@ RECIPES = {
 }
 
 
+MOE_MARKERS = re.compile(r"use_experts_implementation|num_local_experts|n_routed_experts|\bnum_experts\b")
+
+
+def moe_model_types() -> list[str]:
+    """Model types whose modeling file mentions experts (found in the installed transformers' sources)."""
+    import transformers
+
+    root = Path(transformers.__file__).parent / "models"
+    found = []
+    for d in sorted(root.iterdir()):
+        files = sorted(d.glob("modeling_*.py"))
+        if any(MOE_MARKERS.search(f.read_text(errors="replace")) for f in files):
+            found.append(d.name)
+    return found
+
+
+def build_meta(model_type: str):
+    """The model of ``model_type`` from its config class's defaults, on the meta device (or why not)."""
+    from transformers import CONFIG_MAPPING, AutoModel, AutoModelForSeq2SeqLM
+
+    if model_type not in CONFIG_MAPPING:
+        return None, "no config registered under this model type"
+    cfg = CONFIG_MAPPING[model_type]()
+    errors = []
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for c, auto in [(cfg, AutoModelForCausalLM), (cfg, AutoModelForSeq2SeqLM), (cfg, AutoModel),
+                    *([(text, AutoModelForCausalLM), (text, AutoModel)] if text is not cfg else [])]:
+        try:
+            with torch.device("meta"):
+                return auto.from_config(c), None
+        except Exception as exc:  # noqa: BLE001 - report why, try the next head
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+    return None, errors[-1]
+
+
+def measure_all(types: list[str] | None = None) -> None:
+    """One row per MoE model type: every block in NVFP4 and the default recipe, weights / FLOPs."""
+    print("| model type | every block: weights / FLOPs | default recipe | experts via | left in BF16 (every block) |")
+    print("|---|---|---|---|---|")
+    for mt in types or moe_model_types():
+        try:
+            model, why = build_meta(mt)
+        except Exception as exc:  # noqa: BLE001
+            model, why = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        if model is None:
+            print(f"| {mt} | not built: {why} | | | |")
+            continue
+        cells, kept, via = [], "", ""
+        for name in ("every block", "default recipe"):
+            hf_nvfp4.unconvert_model(model)
+            try:
+                hf_nvfp4.convert_model(model, RECIPES[name])
+            except Exception as exc:  # noqa: BLE001
+                cells.append(f"not converted: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+                continue
+            cov = hf_nvfp4.coverage(model)
+            cells.append(f"{100 * cov.weight_share:.1f}% / {100 * cov.flop_share:.1f}%")
+            if name == "every block":
+                kept = "; ".join(f"{k} ({len(v)})" for k, v in cov.high_precision().items()) or "nothing"
+                via = ", ".join(sorted({e.via for e in cov.entries if e.via})) or "-"
+        print(f"| {mt} | " + " | ".join(cells) + f" | {via} | {kept} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny test-sized configs instead of the class defaults")
+    ap.add_argument("--all", action="store_true", help="every MoE model type in the installed transformers")
+    ap.add_argument("--types", nargs="*", help="with --all: only these model types")
     args = ap.parse_args()
     logging.getLogger("hf_nvfp4").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.all:
+        measure_all(args.types)
+        return
     cols = " | ".join(f"{r}: weights / FLOPs" for r in RECIPES)
     print(f"| architecture | config | {cols} | left in BF16 (every block) |")
     print("|---" * (3 + len(RECIPES)) + "|")

@@ -379,6 +379,7 @@ def nvfp4_gemm_operand(
     generator: torch.Generator | None = None,
     rht_size: int = 16,
     dtype: torch.dtype = torch.bfloat16,
+    amax: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, g)`` with ``values = e2m1 * fp32(scale)`` and ``g = amax / 2688``.
 
@@ -388,7 +389,7 @@ def nvfp4_gemm_operand(
     (cropping a Hadamard-transformed operand would change the product).
     """
     p = _prepare(
-        x, tile, rht, rht_size, stochastic, generator, None, "nvfp4_gemm_operand"
+        x, tile, rht, rht_size, stochastic, generator, amax, "nvfp4_gemm_operand"
     )
     m, k = p.x2.shape
     if p.xb.numel() == 0:

@@ -102,27 +102,30 @@ class Format:
         return fn(x, **kw)
 
     # -- what the training ops call ---------------------------------------------------------
-    def gemm_operand(self, x2: torch.Tensor, spec, dtype: torch.dtype, generator=None):
+    def gemm_operand(self, x2: torch.Tensor, spec, dtype: torch.dtype, generator=None, amax=None):
         """``(values in dtype, per-tensor factor or None)`` of a 2D GEMM operand per a quantizer spec.
 
         The product of two operands' values, times their factors, is the quantized GEMM.
+        ``amax``: the per-tensor amax to scale with (a fused group's joint amax), where the format has one.
         """
         if not self.quantizes:
             return x2.to(dtype), None
         gen = generator if spec.stochastic else None
         if self._operand is not None:
             return self._operand(x2, tile=spec.tile, rht=spec.rht, stochastic=spec.stochastic,
-                                 generator=gen, rht_size=spec.rht_size, dtype=dtype)
+                                 generator=gen, rht_size=spec.rht_size, dtype=dtype, amax=amax)
+        kw = {"amax": amax} if amax is not None else {}
         vals = self.fake_quantize(x2, tile=spec.tile, rht=spec.rht, rht_size=spec.rht_size,
-                                  stochastic=spec.stochastic, generator=gen)
+                                  stochastic=spec.stochastic, generator=gen, **kw)
         return vals.to(dtype), None
 
-    def pack(self, x2: torch.Tensor, spec, dtype: torch.dtype, generator=None):
+    def pack(self, x2: torch.Tensor, spec, dtype: torch.dtype, generator=None, amax=None):
         """What to keep for a later GEMM: the quantized tensor where the format keeps codes, else its
-        values. Either has ``operand(dtype)``, ``prepare_for_saving()`` and ``restore_from_saved()``."""
+        values. Either has ``operand(dtype)``, ``prepare_for_saving()`` and ``restore_from_saved()``.
+        ``amax``: as in :meth:`gemm_operand`."""
         if self.keeps_codes and not spec.stochastic:
-            return self.quantize(x2, tile=spec.tile, rht=spec.rht, rht_size=spec.rht_size)
-        return GemmOperand(*self.gemm_operand(x2, spec, dtype, generator))
+            return self.quantize(x2, tile=spec.tile, rht=spec.rht, rht_size=spec.rht_size, amax=amax)
+        return GemmOperand(*self.gemm_operand(x2, spec, dtype, generator, amax))
 
 
 def _rht(x: torch.Tensor, size: int, block: int) -> torch.Tensor:

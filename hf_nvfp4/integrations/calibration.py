@@ -123,13 +123,30 @@ def _text_batches(path: Path, tokenizer, model: nn.Module, max_batches: int) -> 
 
 
 @torch.no_grad()
-def calibrate_input_amax(model: nn.Module, names: list[str], batches: list[dict]) -> dict[str, torch.Tensor]:
-    """``max |x|`` (fp32 scalar) of the input of each module in ``names`` over ``batches``."""
+def calibrate_input_amax(model: nn.Module, names: list[str], batches: list[dict],
+                         experts: list[str] = ()) -> dict[str, torch.Tensor]:
+    """``max |x|`` (fp32 scalar) of the input of each module in ``names`` over ``batches``; for each
+    experts module in ``experts``, of its up (gate_up) GEMM's input and of its down GEMM's input
+    (the gate's output), keyed ``"{name}.gate_up_proj"`` (or ``.up_proj``) and ``"{name}.down_proj"``:
+    one scale per MoE block, which is how vLLM reduces per-expert input scales (their max)."""
     from tqdm.auto import tqdm
 
     modules = dict(model.named_modules())
     amax = {n: torch.zeros((), dtype=torch.float32) for n in names}
     hooks = []
+    undo = []
+    for n in experts:
+        mod = modules[n]
+        up = f"{n}.{'gate_up_proj' if getattr(mod, 'has_gate', True) else 'up_proj'}"
+        amax[up] = amax[f"{n}.down_proj"] = torch.zeros((), dtype=torch.float32)
+        hooks.append(mod.register_forward_pre_hook(_expert_hook(amax, up)))
+        record = _expert_hook(amax, f"{n}.down_proj")
+        if getattr(mod, "has_gate", True):
+            gate = mod._apply_gate
+            mod.__dict__["_apply_gate"] = lambda h, gate=gate, record=record: _recorded(record, gate(h))
+            undo.append(mod)
+        else:
+            hooks.append(mod.act_fn.register_forward_hook(lambda _m, _a, y, record=record: record(None, (y,))))
 
     def hook(name):
         def fn(_mod, args):
@@ -150,5 +167,21 @@ def calibrate_input_amax(model: nn.Module, names: list[str], batches: list[dict]
     finally:
         for h in hooks:
             h.remove()
+        for mod in undo:
+            mod.__dict__.pop("_apply_gate", None)
         model.train(was_training)
     return amax
+
+
+def _expert_hook(amax: dict, key: str):
+    def fn(_mod, args):
+        x = args[0]
+        if x.numel():
+            amax[key] = torch.maximum(amax[key], x.detach().abs().amax().float().cpu())
+
+    return fn
+
+
+def _recorded(record, y: torch.Tensor) -> torch.Tensor:
+    record(None, (y,))
+    return y

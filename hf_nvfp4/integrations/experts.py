@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..nn.experts import EXPERTS_IMPLEMENTATION, experts_forward
+from ..nn.fused import tracing
 
 
 def _interface():
@@ -38,6 +39,9 @@ def nvfp4_experts_forward(
 ) -> torch.Tensor:
     """transformers' experts contract: [T, H] states, [T, k] indices and weights -> [T, H]."""
     rec = getattr(self, "nvfp4_experts", None)
+    if tracing():  # finding fused Linear groups on fake tensors: the experts' values do not matter
+        down = self.down_proj
+        return hidden_states.new_zeros(hidden_states.shape[0], down.shape[2] if self.is_transposed else down.shape[1])
     if rec is None or rec.high_precision:
         return _fallback(self)(self, hidden_states, top_k_index, top_k_weights)
     return experts_forward(self, hidden_states, top_k_index, top_k_weights)

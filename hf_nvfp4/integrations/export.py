@@ -4,9 +4,12 @@ Train in NVFP4, serve in NVFP4: the codes and E4M3 scales written are the traini
 Fprop weight quantization, ``quantize_nvfp4(W, tile=(16, 16))``. A 16x16 tile's scale is
 stored on each of its 16 rows, which is exactly the 1x16 layout serving engines read, so
 for every layer an engine runs alone the served weights are bit for bit the ones the model
-computed with in training. Engines run q/k/v and gate/up as one GEMM with one tensor scale,
-so those siblings are quantized with their joint amax; the report says how far that moved
-them. Layouts and scale directions: :mod:`hf_nvfp4.integrations.serving_formats`.
+computed with in training. Engines run q/k/v and gate/up as one GEMM with one tensor scale:
+a model trained with ``fused_global_scale=True`` already shared it, so every layer is written
+bit-identical to training; otherwise those siblings are quantized with their joint amax, and the
+report says, per layer, whether it is bit-identical and how far it moved. MoE experts are
+written per expert (:mod:`hf_nvfp4.integrations.export_experts`). Layouts and scale directions:
+:mod:`hf_nvfp4.integrations.serving_formats`.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ import torch.nn as nn
 from ..formats.e2m1 import unpack_nibbles
 from ..formats.nvfp4 import quantize_nvfp4
 from ..nn.convert import plan_conversion
+from ..nn.fused import FUSED_SIBLINGS, find_fused_groups
 from ..nn.linear import NVFP4Linear
 from ..ops.roles import quantizer_for
+from . import export_experts as ex
 from .serving_formats import FORMATS, SCHEMES, layer_tensors, quant_config, write_safetensors
 
-# Siblings a serving engine runs as one GEMM (vLLM's packed_modules_mapping: qkv_proj and
-# gate_up_proj; w13 of Mixtral-style experts). They must share one tensor scale.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+__all__ = ["FUSED_SIBLINGS", "ExportReport", "export_nvfp4", "fused_groups"]
 REPORT_FILE = "nvfp4_export.json"
 _WRITTEN = ("config.json", "hf_quant_config.json", "generation_config.json", REPORT_FILE)
 _WRITTEN += ("model.safetensors.index.json",)
@@ -44,6 +47,9 @@ class ExportReport:
     quantized: list[str] = field(default_factory=list)
     high_precision: dict[str, str] = field(default_factory=dict)  # module -> why it stays high precision
     fused: dict[str, dict] = field(default_factory=dict)  # module -> its group, amax and how far it moved
+    # every NVFP4 layer (experts: per experts module) -> bit_identical to training, worst per-element change
+    layers: dict[str, dict] = field(default_factory=dict)
+    experts: dict[str, dict] = field(default_factory=dict)  # experts module -> count, checkpoint names
     input_amax: dict[str, float] = field(default_factory=dict)  # W4A4: calibrated activation amax
     calibration_batches: int = 0
     calibration_tokens: int = 0
@@ -55,13 +61,26 @@ class ExportReport:
     def summary(self) -> str:
         moved = {k: v for k, v in self.fused.items() if not v["identical"]}
         worst = max(moved.values(), key=lambda v: v["rel_change"], default=None)
+        same = [k for k, v in self.layers.items() if v["bit_identical"]]
+        n_exp = sum(v["experts"] for v in self.experts.values())
         lines = [
             f"hf-nvfp4 export: {self.format} / {self.scheme} -> {self.save_directory}",
-            f"  {len(self.quantized)} Linear layers in NVFP4; kept high precision: {len(self.high_precision)} modules",
+            f"  {len(self.quantized)} Linear layers in NVFP4"
+            + (f", {n_exp} experts in {len(self.experts)} MoE blocks" if self.experts else "")
+            + f"; kept high precision: {len(self.high_precision)} modules",
             f"  weights {self.payload_bytes / 2**20:.2f} MiB vs {self.bf16_bytes / 2**20:.2f} MiB as BF16 "
             f"({self.payload_bytes / max(self.bf16_bytes, 1):.3f}x; files {self.bytes_written / 2**20:.2f} MiB)",
-            f"  bit-exact with the training-time quantization: {len(self.quantized) - len(moved)} layers",
+            f"  bit-identical to the weights training computed with: {len(same)} of {len(self.layers)} layers"
+            + (" (experts counted per MoE block)" if self.experts else ""),
         ]
+        far = max((v for v in self.layers.values() if not v["bit_identical"]), key=lambda v: v["max_rel_change"],
+                  default=None)
+        if far:
+            name = next(k for k, v in self.layers.items() if v is far)
+            lines.append(
+                f"  worst per-element change: {far['max_abs_change']:.3g} ({far['max_rel_change']:.3g} of the layer's "
+                f"max |w|) in {name}; train with fused_global_scale=True to serve exactly what you trained"
+            )
         if worst:
             lines.append(
                 f"  {len(moved)} fused siblings requantized with their group's joint amax: largest change "
@@ -113,38 +132,57 @@ def export_nvfp4(
     return export_to_directory(model, save_directory, format, scheme, calibration, tokenizer, overwrite=False)
 
 
+
 def export_to_directory(model, save_directory, fmt, scheme, calibration, tokenizer, overwrite: bool) -> ExportReport:
     """:func:`export_nvfp4`, with ``overwrite`` (the CLI's ``--overwrite``) replacing an earlier export."""
     _check_choices(fmt, scheme, calibration)
     out = Path(save_directory).expanduser()
     _check_dir(out, overwrite)  # before any costly step
     model, source = _load(model)
-    names = _quantized_names(model)
+    names, experts = _quantized_names(model)
     _check_finite(model, names)
+    _ensure_fused_groups(model)
+    ckpt = ex.checkpoint_names_or_own(model, experts)
     report = ExportReport(str(out), fmt, scheme, quantized=names)
-    groups = _classify(model, names, report)
+    groups = _classify(model, names, experts, report)
     if tokenizer is None and source is not None:
         tokenizer = _find_tokenizer(source)
-    act_amax = _calibrate(model, names, groups, calibration, tokenizer, report) if scheme == "NVFP4" else None
+    act_amax = _calibrate(model, names, experts, groups, calibration, tokenizer, report) if scheme == "NVFP4" else None
     _prepare_dir(out, overwrite)  # every check is done: nothing is touched before here
 
     q = _quantize_layers(model, names, groups, report)
+    qe = {n: ex.quantize_experts(m) for n, m in experts.items()}
+    for n in experts:  # the operands training used, per expert: nothing moves
+        names_n = ex.expert_module_names(model, ckpt, n)
+        report.experts[n] = {"experts": len(next(iter(qe[n].values()))), "matrices": len(names_n),
+                             "checkpoint_names": names_n[:3] + (["..."] if len(names_n) > 3 else [])}
+        report.layers[n] = {"bit_identical": True, "max_abs_change": 0.0, "max_rel_change": 0.0}
+    by_src: dict[str, list[tuple[str, int | None, int | None]]] = {}
+    for key, (src, e, half) in ckpt.items():
+        by_src.setdefault(src, []).append((key, e, half))
     dtype = torch.float16 if {p.dtype for p in model.parameters()} == {torch.float16} else torch.bfloat16
-    tensors, stored, bf16 = {}, set(), 0
+    tensors, hp, stored, bf16 = {}, {}, set(), 0
     for key, t in model.state_dict().items():
         mod, _, leaf = key.rpartition(".")
-        if mod in q and leaf == "weight":
+        act = None if act_amax is None else act_amax.get(key if mod in qe else mod)
+        if (mod in q and leaf == "weight") or (mod in qe and leaf in qe[mod]):
             bf16 += 2 * t.numel()
-            tensors.update(layer_tensors(fmt, mod, q[mod], None if act_amax is None else act_amax[mod]))
+            keys = by_src.get(key, [(key, None, None)])
+            for ck, e, half in keys:
+                halves = sum(e2 == e for _, e2, _ in keys)  # gate_up: gate and up share the expert's scale
+                qt = q[mod] if e is None else ex.split_rows(qe[mod][leaf][e], half, halves)
+                tensors.update(layer_tensors(fmt, ck.removesuffix(".weight"), qt, act))
         elif t.data_ptr() not in stored or not t.numel():  # tied weights (lm_head = embed) are stored once
             stored.add(t.data_ptr())
             bf16 += 2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
             t = t.detach().cpu()
-            tensors[key] = (t.to(dtype) if t.is_floating_point() else t).clone()
+            hp[key] = (t.to(dtype) if t.is_floating_point() else t).clone()
+    tensors.update(ex.revert(model, hp, ckpt))
     report.bf16_bytes = bf16
     report.payload_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     report.bytes_written = write_safetensors(tensors, out)
-    _write_configs(model, out, fmt, scheme, dtype, report)
+    ignore = ex.checkpoint_modules(report.high_precision, by_src)
+    _write_configs(model, out, fmt, scheme, dtype, report, ignore)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     else:
@@ -212,43 +250,41 @@ def _recipe(mod: NVFP4Linear):
     return mod.nvfp4_state.recipe
 
 
-def _quantized_names(model: nn.Module) -> list[str]:
+def _quantized_names(model: nn.Module) -> tuple[list[str], dict[str, nn.Module]]:
+    """(names of the NVFP4 Linear layers, the experts modules that trained in NVFP4)."""
     if not callable(getattr(getattr(model, "config", None), "to_dict", None)):
         raise TypeError(
             f"export_nvfp4: writes Hugging Face checkpoints, so model must be a transformers model (with a .config); "
             f"got {type(model).__name__}"
         )
     names = [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)]
-    if not names:
+    experts = ex.converted_experts(model)
+    if not names and not experts:
         raise ValueError(
             "export_nvfp4: the model has no NVFP4Linear layer, so nothing trained in NVFP4; train it with hf_nvfp4 "
             "first (convert_model, from_config, or from_pretrained with quantization_config=NVFP4Config())"
         )
     modules = dict(model.named_modules())
-    formats = sorted({_recipe(modules[n]).format for n in names})
+    formats = sorted({_recipe(modules[n]).format for n in names} | {m.nvfp4_experts.state.recipe.format
+                                                                      for m in experts.values()})
     if formats != ["nvfp4"]:
         raise ValueError(f"export_nvfp4: the model trained in {formats}, not NVFP4; there is no NVFP4 to export")
-    experts = unexported_expert_params(model)
-    if experts:
-        raise NotImplementedError(
-            f"export_nvfp4: MoE expert tensors are not exported yet ({', '.join(experts[:3])}"
-            f"{', ...' if len(experts) > 3 else ''}); keep the BF16 checkpoint for this model for now"
+    odd = {n: why for n, m in experts.items() if (why := ex.unsupported_layout(m))}
+    if odd:
+        raise ValueError(
+            "export_nvfp4: vLLM's NVFP4 MoE loaders cannot take these experts as trained: "
+            + "; ".join(f"{n}: {why}" for n, why in list(odd.items())[:3])
+            + ". Keep the BF16 checkpoint for this model (or train its experts in BF16 with "
+            "modules_to_not_convert=['*.experts'] to export the rest)"
         )
-    return names
+    return names, experts
 
 
-def unexported_expert_params(model: nn.Module) -> list[str]:
-    """Packed MoE expert tensors: 3-D parameters outside any Linear, Embedding or Conv.
-
-    The hook for an MoE export: engines read experts in their own fused layouts (w13 and
-    w2 per expert, one w13 tensor scale), which this exporter does not write yet.
-    """
-    skip = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
-    out = []
-    for mname, mod in model.named_modules():
-        if not isinstance(mod, skip):
-            out += [f"{mname}.{p}".lstrip(".") for p, t in mod.named_parameters(recurse=False) if t.ndim == 3]
-    return out
+def _ensure_fused_groups(model: nn.Module) -> None:
+    """fused_global_scale: a model that never ran a forward finds its groups now (a fake-tensor trace)."""
+    if "_nvfp4_find_groups" in model.__dict__:
+        device = next(model.parameters()).device
+        find_fused_groups(model, input_ids=torch.zeros(1, 16, dtype=torch.long, device=device))
 
 
 def fused_groups(linear_names: list[str]) -> list[list[str]]:
@@ -263,10 +299,13 @@ def fused_groups(linear_names: list[str]) -> list[list[str]]:
     return groups
 
 
-def _classify(model, names, report) -> list[list[str]]:
+def _classify(model, names, experts, report) -> list[list[str]]:
     """Fill report.high_precision (with reasons); return the fused groups of quantized layers."""
+    from ..nn.experts import expert_params
+
     modules = dict(model.named_modules())
-    plan = plan_conversion(model, _recipe(modules[names[0]]))
+    recipe = _recipe(modules[names[0]]) if names else next(iter(experts.values())).nvfp4_experts.state.recipe
+    plan = plan_conversion(model, recipe)
     quantized = set(names)
     for n, m in modules.items():
         if isinstance(m, nn.Linear) and n not in quantized:
@@ -274,6 +313,12 @@ def _classify(model, names, report) -> list[list[str]]:
             report.high_precision[n] = "not converted" if why == "convert" else why
         elif isinstance(m, nn.Embedding):
             report.high_precision[n] = "embedding"
+        elif expert_params(m) and n not in experts:
+            why = plan.get(n, "convert")
+            report.high_precision[n] = "not converted" if why == "convert" else why
+        elif n and n not in experts and _own_matrix(m):  # e.g. a router module with its own 2-D weight
+            report.high_precision[n] = plan.get(n, "router" if n.rpartition(".")[2] in ("gate", "router") else
+                                                "not a Linear")
     groups = fused_groups([n for n, m in modules.items() if isinstance(m, nn.Linear)])
     mixed = [g for g in groups if len({n in quantized for n in g}) > 1]
     if mixed:
@@ -283,20 +328,25 @@ def _classify(model, names, report) -> list[list[str]]:
             + ". Train them alike (modules_to_not_convert takes glob patterns)"
         )
     late = [n for n in names if (modules[n].forward_precision or modules[n].precision) != "nvfp4"]
+    late += [n for n, m in experts.items() if m.nvfp4_experts.high_precision]
     if late:
-        now = modules[late[0]].forward_precision or modules[late[0]].precision
         report.notes.append(
-            f"{len(late)} layers run their forward in {now} now (late precision switch): their NVFP4 weights "
-            "are a post-training quantization of weights that last trained in high precision"
+            f"{len(late)} layers run their forward in high precision now (late precision switch): their NVFP4 "
+            "weights are a post-training quantization of weights that last trained in high precision"
         )
     return [g for g in groups if g[0] in quantized]
 
 
-def _calibrate(model, names, groups, calibration, tokenizer, report) -> dict[str, torch.Tensor]:
+def _own_matrix(m: nn.Module) -> bool:
+    w = m._parameters.get("weight")
+    return not isinstance(m, (nn.Linear, nn.Embedding)) and w is not None and w.ndim == 2
+
+
+def _calibrate(model, names, experts, groups, calibration, tokenizer, report) -> dict[str, torch.Tensor]:
     from .calibration import calibrate_input_amax, calibration_batches, calibration_tokens
 
     batches = calibration_batches(calibration, model, tokenizer)
-    amax = calibrate_input_amax(model, names, batches)
+    amax = calibrate_input_amax(model, names, batches, experts=list(experts))
     bad = [n for n, a in amax.items() if not bool(torch.isfinite(a))]
     if bad:
         raise ValueError(
@@ -319,17 +369,25 @@ def _rel(d: torch.Tensor, ref: torch.Tensor) -> float:
     return float(d.norm() / ref.norm().clamp_min(torch.finfo(torch.float32).tiny))
 
 
+def _training_amax(mod: NVFP4Linear) -> torch.Tensor | None:
+    """The weight amax the layer's Fprop used: its fused group's (fused_global_scale), or None (its own)."""
+    group = mod.__dict__.get("nvfp4_group")
+    return None if group is None else group.amax()
+
+
 @torch.no_grad()
 def _quantize_layers(model, names, groups, report) -> dict:
-    """{name: NVFP4Tensor} as exported; fills report.fused with how far joint amax moved each sibling."""
+    """{name: NVFP4Tensor} as exported; fills report.layers (bit-identical or how far each moved) and report.fused."""
     modules = dict(model.named_modules())
-    # the training-time Fprop weight operand, as the role table defines it: 16x16 tiles, or 1x16 without 2D scaling
+    # the training-time Fprop weight operand, as the role table defines it: 16x16 tiles, or 1x16 without 2D
+    # scaling, with the fused group's amax under fused_global_scale
     tiles = {n: quantizer_for(_recipe(modules[n]), "fprop_weight", "nvfp4").tile for n in names}
-    out = {n: quantize_nvfp4(modules[n].weight, tile=tiles[n]) for n in names}
-    for group in groups:
-        joint = torch.stack([out[m].amax for m in group]).max()
+    trained = {n: quantize_nvfp4(modules[n].weight, tile=tiles[n], amax=_training_amax(modules[n])) for n in names}
+    out = dict(trained)
+    for group in groups:  # the engine's groups: one tensor scale each
+        joint = torch.stack([trained[m].amax for m in group]).max()
         for m in group:
-            own, w = out[m], modules[m].weight
+            own, w = trained[m], modules[m].weight
             same = bool(own.amax == joint)
             q = own if same else quantize_nvfp4(w, tile=tiles[m], amax=joint)
             out[m] = q
@@ -344,6 +402,11 @@ def _quantize_layers(model, names, groups, report) -> dict:
                 "rel_error_training": _rel(a - w, w),  # quantization error vs the master weights, for scale
                 "rel_error_exported": _rel(b - w, w),
             }
+    for n in names:
+        same = out[n] is trained[n]
+        d = 0.0 if same else float((out[n].dequantize() - trained[n].dequantize()).abs().max())
+        top = float(trained[n].dequantize().abs().max())
+        report.layers[n] = {"bit_identical": same, "max_abs_change": d, "max_rel_change": d / top if top else 0.0}
     return out
 
 
@@ -379,14 +442,15 @@ def _prepare_dir(path: Path, overwrite: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def _write_configs(model, out: Path, fmt: str, scheme: str, dtype: torch.dtype, report: ExportReport) -> None:
+def _write_configs(model, out: Path, fmt: str, scheme: str, dtype: torch.dtype, report: ExportReport,
+                   ignore: list[str]) -> None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         producer_version = version("hf-nvfp4")
     except PackageNotFoundError:  # run from a source tree that was never installed
         producer_version = "unknown"
-    qc, hf_quant = quant_config(fmt, scheme, sorted(report.high_precision), producer_version)
+    qc, hf_quant = quant_config(fmt, scheme, ignore, producer_version)
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qc
     cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]

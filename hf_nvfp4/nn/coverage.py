@@ -31,6 +31,7 @@ class CoverageEntry:
     flops_per_token: int
     precision: str  # the format it runs in, "bf16" when high precision
     reason: str  # "converted", or why it stays high precision
+    via: str = ""  # converted experts: "experts interface" (transformers') or "adapter (ClassName)" (ours)
 
 
 @dataclass
@@ -111,9 +112,12 @@ class Coverage:
             w = sum(e.weights for e in self.entries if e.name in set(names))
             shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
             kept.append(f"{cat}: {len(names)} module(s), {w:,} weights [{shown}]")
+        adapted = sorted({e.via for e in self.entries if e.via.startswith("adapter")})
+        via = f" Experts through hf_nvfp4's own {', '.join(adapted)}." if adapted else ""
         te = (f" Experts run emulated on the TE backend ({len(self.emulated_on_te)} module(s)): TE's "
               "GroupedLinear is not wired." if self.emulated_on_te else "")
-        return head + (". High precision: " + "; ".join(kept) if kept else ". Nothing left in high precision.") + te
+        tail = ". High precision: " + "; ".join(kept) + "." if kept else ". Nothing left in high precision."
+        return head + tail + via + te
 
 
 def _category(reason: str) -> str:
@@ -180,8 +184,9 @@ def coverage(model: nn.Module) -> Coverage:
             flops = 2 * _top_k(modules, name, mod) * per_expert
             if on_te and prec != "bf16":
                 out.emulated_on_te.append(name)
+            via = ("experts interface" if rec.adapter is None else f"adapter ({rec.adapter})") if conv else ""
             out.entries.append(
-                CoverageEntry(name, "experts", per_expert * n_experts, flops, prec, _reason(prec, conv, decision))
+                CoverageEntry(name, "experts", per_expert * n_experts, flops, prec, _reason(prec, conv, decision), via)
             )
         elif type(mod).__name__ == "Conv1D" and getattr(getattr(mod, "weight", None), "ndim", 0) == 2:
             w = mod.weight.numel()  # GPT-2 style Linear stored transposed

@@ -10,20 +10,29 @@ is unchanged), attaches an :class:`NVFP4Experts` record, and selects the ``"hf_n
 implementation (registered with transformers by the integrations layer) on the experts' config.
 That implementation calls :func:`experts_forward` for converted modules and the model's
 previous implementation for the others (kept blocks, ``modules_to_not_convert``).
+
+Two expert modules of transformers sit outside that interface and get a small adapter of our
+own (:data:`ADAPTERS`, keyed by class name and checked by their parameters): JetMoE's
+``JetMoeParallelExperts`` (a grouped linear, ``weight`` [E, N, K]) and Llama 4's
+``Llama4TextExperts`` (every expert on its slice of pre-routed tokens, ``gate_up_proj`` [E, K, 2I],
+``down_proj`` [E, I, K]). Conversion sets the module's ``forward`` (an instance attribute:
+parameters and state_dict untouched); unconversion removes it.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..config import as_recipe
-from ..ops.experts import quantized_experts
+from ..ops.experts import quantized_dense_experts, quantized_experts, quantized_grouped_linear
 from ..ops.linear import GemmPlan
 from .convert import ON_CONVERT, ON_PLAN, ON_UNCONVERT, find_blocks, module_matches
+from .fused import tracing
 from .linear import NVFP4State
 
 logger = logging.getLogger("hf_nvfp4")
@@ -46,6 +55,7 @@ class NVFP4Experts:
     fallback: str
     state: NVFP4State | None = None
     backend: str = "emulated"
+    adapter: str | None = None  # the hf_nvfp4 adapter's name, for modules outside transformers' interface
 
     @property
     def converted(self) -> bool:
@@ -60,8 +70,9 @@ class NVFP4Experts:
         return self.state.forward_precision if self.converted else None
 
     def plan(self, device: torch.device) -> GemmPlan:
-        st = self.state
-        return GemmPlan.from_recipe(st.recipe, st.forward_precision or st.precision, st.precision, st.generator(device))
+        """The state's plan, as for a Linear. An expert's gate and up are one ``[2I, H]`` matrix,
+        quantized as one tensor: they always share one weight tensor scale."""
+        return self.state.plan(device)
 
     @property
     def high_precision(self) -> bool:
@@ -89,8 +100,55 @@ def uses_experts_interface(mod: nn.Module) -> bool:
     )
 
 
-def expert_matrices(mod: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Per-expert (N, K) of the up (gate_up) and down projections, from the layout flags."""
+def _jetmoe_forward(mod: nn.Module, inputs: torch.Tensor, expert_size) -> torch.Tensor:
+    rec = mod.nvfp4_experts
+    if rec.high_precision or tracing():
+        return type(mod).forward(mod, inputs, expert_size)
+    return quantized_grouped_linear(inputs, expert_size, mod.weight, rec.plan(inputs.device))
+
+
+def _llama4_forward(mod: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    rec = mod.nvfp4_experts
+    if rec.high_precision or tracing():
+        return type(mod).forward(mod, hidden_states)
+    n_experts, hidden = mod.gate_up_proj.shape[0], mod.gate_up_proj.shape[1]
+
+    def swiglu(h):  # Llama4TextExperts.forward's gate: up * act(gate), [gate; up] along the output
+        gate, up = h.chunk(2, dim=-1)
+        return up * mod.act_fn(gate)
+
+    x = hidden_states.view(n_experts, -1, hidden)
+    return quantized_dense_experts(x, mod.gate_up_proj, mod.down_proj, swiglu, rec.plan(hidden_states.device),
+                                   transposed=True)
+
+
+# class name -> (adapter forward, the parameters it reads, whether they are stored [E, K, N])
+ADAPTERS = {
+    "JetMoeParallelExperts": (_jetmoe_forward, ("weight",), False),
+    "Llama4TextExperts": (_llama4_forward, ("gate_up_proj", "down_proj"), True),
+}
+
+
+def adapter_for(mod: nn.Module) -> str | None:
+    """The name of hf_nvfp4's adapter for ``mod`` (a module outside transformers' experts interface), or None."""
+    entry = ADAPTERS.get(type(mod).__name__)
+    if entry is None or uses_experts_interface(mod):
+        return None
+    if not all(isinstance(getattr(mod, p, None), torch.Tensor) and getattr(mod, p).ndim == 3 for p in entry[1]):
+        return None
+    if entry[0] is _llama4_forward and not callable(getattr(mod, "act_fn", None)):
+        return None
+    return type(mod).__name__
+
+
+def expert_matrices(mod: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Per-expert (N, K) of the up (gate_up) and down projections, from the layout flags (adapters:
+    of each 3-D parameter they read)."""
+    name = adapter_for(mod)
+    if name is not None:
+        _, params, transposed = ADAPTERS[name]
+        shapes = [getattr(mod, p).shape for p in params]
+        return tuple((int(s[2]), int(s[1])) if transposed else (int(s[1]), int(s[2])) for s in shapes)
     up = getattr(mod, "gate_up_proj" if mod.has_gate else "up_proj")
     shapes = []
     for w in (up, mod.down_proj):
@@ -102,6 +160,8 @@ def expert_matrices(mod: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
 def unsupported_reason(mod: nn.Module) -> str | None:
     """Why an experts module cannot run the NVFP4 path (None when it can)."""
     cls = type(mod).__name__
+    if adapter_for(mod) is not None:
+        return None
     if not uses_experts_interface(mod):
         return f"unsupported module type ({cls}: 3-D expert weights outside transformers' experts interface)"
     names = ["gate_up_proj" if mod.has_gate else "up_proj", "down_proj"]
@@ -187,10 +247,19 @@ def convert_experts(model: nn.Module, state: NVFP4State, plan: dict[str, str] | 
     plan = plan_experts(model, state.recipe) if plan is None else plan
     modules = dict(model.named_modules())
     found = [(n, modules[n]) for n in plan if n in modules and expert_params(modules[n])]
-    found = [(n, m) for n, m in found if uses_experts_interface(m)]
+    found = [(n, m) for n, m in found if uses_experts_interface(m) or adapter_for(m)]
     configs: dict[int, object] = {}
     n = 0
     for name, mod in found:
+        adapter = adapter_for(mod)
+        if adapter is not None:  # our own forward, as an instance attribute; no transformers registry
+            rec = NVFP4Experts(plan[name], "forward", state if plan[name] == "convert" else None, adapter=adapter)
+            mod.nvfp4_experts = rec
+            if rec.converted:
+                mod.forward = types.MethodType(ADAPTERS[adapter][0], mod)
+                state.register(mod)
+                n += 1
+            continue
         cfg = mod.config
         old = getattr(mod, "nvfp4_experts", None)
         fallback = cfg._experts_implementation
@@ -217,6 +286,9 @@ def unconvert_experts(model: nn.Module) -> int:
         if rec is None:
             continue
         n += rec.converted
+        if rec.adapter is not None:
+            mod.__dict__.pop("forward", None)
+            continue
         cfg = getattr(mod, "config", None)
         if getattr(cfg, "_experts_implementation", None) == EXPERTS_IMPLEMENTATION:
             cfg._experts_implementation = rec.fallback

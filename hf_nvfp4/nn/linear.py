@@ -75,6 +75,12 @@ class NVFP4State:
 
         optimizer.register_step_post_hook(after_step)
 
+    def plan(self, device: torch.device, weight_amax: torch.Tensor | None = None) -> GemmPlan:
+        """The GEMM plan of one converted module's call (Linear or experts): the role table at the
+        current precision switch, this device's SR generator, the shared operand cache."""
+        return GemmPlan.from_recipe(self._recipe, self.forward_precision or self.precision, self.precision,
+                                    self.generator(device), self.operand_cache, self.weight_cache, weight_amax)
+
     # -- stochastic rounding ----------------------------------------------------------------------
     def _mix(self, draw: int) -> int:
         key = f"{self._recipe.seed}:{self.rank}:{self.salt}:{draw}".encode()
@@ -251,9 +257,8 @@ class NVFP4Linear(nn.Linear):
         self.nvfp4_state.set_precision(self.precision, p)
 
     def plan(self, device: torch.device) -> GemmPlan:
-        st = self.nvfp4_state
-        return GemmPlan.from_recipe(st.recipe, st.forward_precision or st.precision, st.precision,
-                                    st.generator(device), st.operand_cache, st.weight_cache)
+        group = self.__dict__.get("nvfp4_group")  # fused_global_scale: the siblings' joint amax
+        return self.nvfp4_state.plan(device, None if group is None else group.amax())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "te":  # the TE adapter takes the call, or None sends it to the emulation

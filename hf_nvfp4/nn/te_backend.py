@@ -71,6 +71,8 @@ def te_unsupported_reason(recipe) -> str | None:
     """Why TE cannot run ``recipe`` (our frozen recipe, or anything with its field names) at all, or None."""
     if te_support(recipe.format) is None:
         return f"format={recipe.format!r} runs on the emulated backend (Transformer Engine has no recipe for it)"
+    if getattr(recipe, "fused_global_scale", False):
+        return "fused_global_scale=True (sibling layers sharing one weight tensor scale) needs the emulated backend"
     if recipe.format == "nvfp4" and recipe.rht_size != 16 and not recipe.disable_rht:
         return f"TE's RHT is 16-point; rht_size={recipe.rht_size} needs the emulated backend"
     rht = tuple(getattr(recipe, "rht_gemms", PAPER_RHT_GEMMS))

@@ -107,3 +107,48 @@ def quantized_experts(
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return weighted[inv].view(n_tokens, k, out_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+def quantized_grouped_linear(inputs: torch.Tensor, sizes, weight: torch.Tensor, plan: GemmPlan, *,
+                             transposed: bool = False) -> torch.Tensor:
+    """Rows of ``inputs`` [T, K] grouped by expert (``sizes[e]`` rows each, in order) times each expert's
+    weight (``weight`` [E, N, K], or [E, K, N] when ``transposed``), every GEMM with the recipe: JetMoE's
+    ``JetMoeParallelExperts`` contract. Experts with no rows run nothing.
+
+    >>> import torch
+    >>> from hf_nvfp4.ops import GemmPlan
+    >>> quantized_grouped_linear(torch.randn(6, 32), [4, 0, 2], torch.randn(3, 16, 32), GemmPlan()).shape
+    torch.Size([6, 16])
+    """
+    sizes = [int(s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
+    if weight.ndim != 3 or len(sizes) != weight.shape[0] or sum(sizes) != inputs.shape[0]:
+        raise ValueError(
+            f"quantized_grouped_linear: {len(sizes)} group sizes summing to {sum(sizes)} for inputs "
+            f"{tuple(inputs.shape)} and weight {tuple(weight.shape)} (expected one size per expert)"
+        )
+    ws = _expert_weights(weight, transposed)
+    outs = [quantized_linear(x, ws[e], None, plan) for e, x in enumerate(inputs.split(sizes)) if sizes[e]]
+    n = ws[0].shape[0]
+    return torch.cat(outs) if outs else inputs.new_zeros(0, n)
+
+
+def quantized_dense_experts(hidden_states: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                            activation: Callable[[torch.Tensor], torch.Tensor], plan: GemmPlan, *,
+                            transposed: bool = False) -> torch.Tensor:
+    """Every expert on its own slice of ``hidden_states`` [E, T, K] (Llama 4's ``Llama4TextExperts``:
+    tokens already routed and scaled), each expert's two GEMMs with the recipe. Returns [E * T, H_out].
+
+    >>> import torch
+    >>> from hf_nvfp4.ops import GemmPlan
+    >>> up, down = torch.randn(2, 32, 64), torch.randn(2, 32, 32)   # transposed: [E, K, N]
+    >>> act = lambda h: h.chunk(2, dim=-1)[1] * torch.nn.functional.silu(h.chunk(2, dim=-1)[0])
+    >>> quantized_dense_experts(torch.randn(2, 4, 32), up, down, act, GemmPlan(), transposed=True).shape
+    torch.Size([8, 32])
+    """
+    w_up, w_down = _expert_weights(up, transposed), _expert_weights(down, transposed)
+    if hidden_states.ndim != 3 or hidden_states.shape[0] != len(w_up):
+        raise ValueError(f"quantized_dense_experts: expected [E={len(w_up)}, T, K] states, "
+                         f"got {tuple(hidden_states.shape)}")
+    outs = [quantized_linear(activation(quantized_linear(x, w_up[e], None, plan)), w_down[e], None, plan)
+            for e, x in enumerate(hidden_states.unbind(0))]
+    return torch.stack(outs).reshape(-1, outs[0].shape[-1])

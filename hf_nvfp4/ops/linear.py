@@ -30,6 +30,8 @@ class GemmPlan:
     (from the role table), the generator that stochastic rounding draws from, optionally an
     :class:`OperandCache` through which Linears fed the same input (q/k/v, gate/up) quantize it once,
     and optionally a :class:`WeightCache` that keeps a weight's quantized operands until it changes.
+    ``weight_amax``: the weight's per-tensor amax when it is not its own (``fused_global_scale``:
+    the joint amax of the layers a serving engine fuses with it); None: the weight's own.
 
     >>> from hf_nvfp4.ops import GemmPlan
     >>> GemmPlan.from_recipe(NVFP4Recipe(), fprop="bf16").roles["fprop_input"].format
@@ -40,12 +42,13 @@ class GemmPlan:
     generator: torch.Generator | None = None
     cache: OperandCache | None = None
     weight_cache: WeightCache | None = None
+    weight_amax: torch.Tensor | None = None
 
     @classmethod
     def from_recipe(cls, recipe: NVFP4Recipe, fprop: str | None = None, backward: str | None = None,
                     generator: torch.Generator | None = None, cache: OperandCache | None = None,
-                    weight_cache: WeightCache | None = None) -> GemmPlan:
-        return cls(role_table(recipe, fprop, backward), generator, cache, weight_cache)
+                    weight_cache: WeightCache | None = None, weight_amax: torch.Tensor | None = None) -> GemmPlan:
+        return cls(role_table(recipe, fprop, backward), generator, cache, weight_cache, weight_amax)
 
     def high_precision(self) -> bool:
         return not any(get_format(s.format).quantizes for s in self.roles.values())
@@ -61,6 +64,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _operand(x2: torch.Tensor, spec: QuantizerSpec, dtype, generator=None):
     """(values in dtype, per-tensor factor or None) for one GEMM operand, blocks along the last dim."""
     return get_format(spec.format).gemm_operand(x2, spec, dtype, generator)
+
+
+def _weight_amax(plan: GemmPlan, spec: QuantizerSpec):
+    """The weight's shared amax where its format has a per-tensor scale (None: the weight's own)."""
+    if plan.weight_amax is None or not get_format(spec.format).per_tensor_amax:
+        return None
+    return plan.weight_amax
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, ga, gb, out_dtype) -> torch.Tensor:
@@ -119,17 +129,19 @@ def _weight(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpo
     plan's weight cache both are made once per optimizer step, not once per forward (memory: the
     packed weight and one copy of it in the compute dtype, as TE keeps its FP8 weight copies).
 
-    The key leaves a slot (None here) for a per-tensor scale shared by several weights.
+    A weight scaled with a shared (``fused_global_scale``) amax is never cached: the amax moves with
+    its siblings.
     """
     spec = plan.roles[role]
     fmt = get_format(spec.format)
     source = weight.t() if transpose else weight
+    amax = _weight_amax(plan, spec)
 
     def make():
-        kept = fmt.pack(source.detach(), spec, dtype, gen)
+        kept = fmt.pack(source.detach(), spec, dtype, gen, amax)
         return kept, kept.operand(dtype)
 
-    if plan.weight_cache is None or spec.stochastic:
+    if plan.weight_cache is None or spec.stochastic or amax is not None:
         return make()
     return plan.weight_cache.get(weight, (role, spec, dtype, transpose, None), make)
 
@@ -137,7 +149,9 @@ def _weight(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpo
 def _weight_operand(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpose: bool = False):
     """``(values, factor)`` of the weight (or its transpose) for ``role``."""
     if plan.weight_cache is None:
-        return _operand(weight.t() if transpose else weight, plan.roles[role], dtype, gen)
+        spec = plan.roles[role]
+        source = weight.t() if transpose else weight
+        return get_format(spec.format).gemm_operand(source, spec, dtype, gen, _weight_amax(plan, spec))
     return _weight(weight, plan, role, dtype, gen, transpose)[1]
 
 
