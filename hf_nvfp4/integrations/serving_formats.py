@@ -116,5 +116,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path) -> int:
     """``model.safetensors`` (or shards plus the index, as transformers writes them); returns bytes on disk."""
     from huggingface_hub import save_torch_state_dict
 
-    save_torch_state_dict(tensors, out, max_shard_size=SHARD_BYTES)
+    # huggingface_hub refuses a tensor that is a slice of a larger storage (per-expert slices of a
+    # stacked experts weight): give each such tensor storage of its own.
+    own = {k: t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+           for k, t in tensors.items()}
+    save_torch_state_dict(own, out, max_shard_size=SHARD_BYTES)
     return sum(p.stat().st_size for p in out.glob("model*.safetensors"))
