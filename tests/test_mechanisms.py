@@ -60,7 +60,10 @@ def test_sr_with_scales_rounded_up_never_clamps_and_is_unbiased():
     bias_sr = float((sr.mean(0) - x).norm() / x.norm())
     assert bias_up < bias_sr  # the clamping part of SR's residual bias is gone
     # no element's magnitude is cut: every block keeps its max within one grid step
-    assert float((draws.abs().amax(0).reshape(-1, 16).amax(-1) + 1e-6 >= x.abs().reshape(-1, 16).amax(-1)).float().mean()) == 1.0
+    assert (
+        float((draws.abs().amax(0).reshape(-1, 16).amax(-1) + 1e-6 >= x.abs().reshape(-1, 16).amax(-1)).float().mean())
+        == 1.0
+    )
 
 
 def test_probe_exact_backward_is_the_straight_through_gradient():
@@ -91,14 +94,27 @@ def run_dir(tmp_path_factory):
     from hf_nvfp4.train import build_model
 
     d = tmp_path_factory.mktemp("mech")
-    spec = {"name": "mech-test", "output_dir": str(d),
-            "model": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                                 "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                 "max_position_embeddings": 32}, "dtype": "float32"},
-            "tokenizer": {"kind": "byte"}, "data": {"source": "stdlib", "seq_len": 32, "max_files": 4,
-                                                    "eval_fraction": 0.5},
-            "training": {"max_steps": 10, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "decay_fraction": 0.2},
-            "nvfp4": {"bf16_last_blocks": 1}, "logging": {"report_to": []}}
+    spec = {
+        "name": "mech-test",
+        "output_dir": str(d),
+        "model": {
+            "config": {
+                "model_type": "llama",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "max_position_embeddings": 32,
+            },
+            "dtype": "float32",
+        },
+        "tokenizer": {"kind": "byte"},
+        "data": {"source": "stdlib", "seq_len": 32, "max_files": 4, "eval_fraction": 0.5},
+        "training": {"max_steps": 10, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "decay_fraction": 0.2},
+        "nvfp4": {"bf16_last_blocks": 1},
+        "logging": {"report_to": []},
+    }
     (d / "r.yaml").write_text(yaml.safe_dump(spec))
     rec = load_recipe(d / "r.yaml")
     tok = build_tokenizer(rec)
@@ -114,11 +130,13 @@ def run_dir(tmp_path_factory):
 
 
 def test_every_experiment_writes_json_csv_plot_and_the_page(run_dir, tmp_path):
-    tiny = {"sr_accumulation": dict(batches=3, sequences=2, batch_size=2),
-            "rht": dict(batches=2, batch_size=2, draws=2),
-            "consistency": dict(batches=1, batch_size=2, steps=2, seeds=2),
-            "depth": dict(batches=3, batch_size=2, grad_batches=1),
-            "late_switch": dict(batches=3, batch_size=2, seeds=2, steps=2)}
+    tiny = {
+        "sr_accumulation": dict(batches=3, sequences=2, batch_size=2),
+        "rht": dict(batches=2, batch_size=2, draws=2),
+        "consistency": dict(batches=1, batch_size=2, steps=2, seeds=2),
+        "depth": dict(batches=3, batch_size=2, grad_batches=1),
+        "late_switch": dict(batches=3, batch_size=2, seeds=2, steps=2),
+    }
     for name, kw in tiny.items():
         res, paths = mech.run_experiment(name, run_dir, tmp_path, log=lambda *_: None, **kw)
         assert [p.suffix for p in paths] == [".json", ".csv", ".png"] and all(p.stat().st_size for p in paths)
@@ -129,4 +147,7 @@ def test_every_experiment_writes_json_csv_plot_and_the_page(run_dir, tmp_path):
     late = json.loads((tmp_path / "mechanisms_late_switch.json").read_text())
     assert late["config"]["branch_step"] == 8 and len(late["branch"]) == 2
     assert {r["test"].split(",")[1].split(" minus")[0].strip() for r in late["tables"][1]["rows"]} == {
-        "switch all", "switch forward", "switch backward"}
+        "switch all",
+        "switch forward",
+        "switch backward",
+    }

@@ -87,7 +87,7 @@ def load_batches(run_dir, n: int, batch_size: int, split: str = "eval", offset: 
         rows = [rows[i % len(rows)] for i in range(n * batch_size)]
     out = []
     for i in range(n):
-        b = default_data_collator(rows[i * batch_size:(i + 1) * batch_size])
+        b = default_data_collator(rows[i * batch_size : (i + 1) * batch_size])
         out.append({k: v for k, v in b.items() if isinstance(v, torch.Tensor)})
     return out
 
@@ -163,8 +163,17 @@ def fake_sr_scale_up(t: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 # -- 1: SR accumulation -------------------------------------------------------------------------------------
-def sr_accumulation(run_dir, *, checkpoints: str | None = None, n_checkpoints: int = 2, sequences: int = 2,
-                    batches: int = 32, batch_size: int = 4, seed: int = 0, log=print) -> dict:
+def sr_accumulation(
+    run_dir,
+    *,
+    checkpoints: str | None = None,
+    n_checkpoints: int = 2,
+    sequences: int = 2,
+    batches: int = 32,
+    batch_size: int = 4,
+    seed: int = 0,
+    log=print,
+) -> dict:
     """Relative error of running sums over B batches: RN, SR, SR with scales rounded up (module docstring)."""
     ckpts = _pick(run_checkpoints(run_dir), checkpoints, n_checkpoints)
     data = load_batches(run_dir, sequences * batches, batch_size, split="train")
@@ -223,32 +232,68 @@ def sr_accumulation(run_dir, *, checkpoints: str | None = None, n_checkpoints: i
                 unit[f"{g}_b_noise"] = (noise[g] / rn[-1]) ** 2 if rn[-1] > 0 else None
             units.append(unit)
             curves.append({"checkpoint": step, "sequence": s, **curve})
-            log(f"sr_accumulation: checkpoint {step} sequence {s}: wgrad RN {unit['wgrad_rn_final']:.4f} "
-                f"SR {unit['wgrad_sr_final']:.4f} SR-up {unit['wgrad_sr_up_final']:.4f} B*={unit['wgrad_b_star']}")
+            log(
+                f"sr_accumulation: checkpoint {step} sequence {s}: wgrad RN {unit['wgrad_rn_final']:.4f} "
+                f"SR {unit['wgrad_sr_final']:.4f} SR-up {unit['wgrad_sr_up_final']:.4f} B*={unit['wgrad_b_star']}"
+            )
     unit_txt = f"checkpoint x batch sequence ({len(ckpts)} x {sequences})"
     rows = []
     for g in ("wgrad", "dgrad"):
-        rows.append(t_row([u[f"{g}_rn_final"] - u[f"{g}_sr_final"] for u in units],
-                          test=f"{g}: running-sum error at B={batches}, RN minus SR", unit=unit_txt))
-        rows.append(t_row([u[f"{g}_sr_final"] - u[f"{g}_sr_up_final"] for u in units],
-                          test=f"{g}: running-sum error at B={batches}, SR minus SR with scales rounded up",
-                          unit=unit_txt))
-        rows.append(t_row([math.log(u[f"{g}_rn_final"] / u[f"{g}_noise_1"]) for u in units],
-                          test=f"{g}: log(RN plateau / one batch's minibatch noise)", unit=unit_txt))
+        rows.append(
+            t_row(
+                [u[f"{g}_rn_final"] - u[f"{g}_sr_final"] for u in units],
+                test=f"{g}: running-sum error at B={batches}, RN minus SR",
+                unit=unit_txt,
+            )
+        )
+        rows.append(
+            t_row(
+                [u[f"{g}_sr_final"] - u[f"{g}_sr_up_final"] for u in units],
+                test=f"{g}: running-sum error at B={batches}, SR minus SR with scales rounded up",
+                unit=unit_txt,
+            )
+        )
+        rows.append(
+            t_row(
+                [math.log(u[f"{g}_rn_final"] / u[f"{g}_noise_1"]) for u in units],
+                test=f"{g}: log(RN plateau / one batch's minibatch noise)",
+                unit=unit_txt,
+            )
+        )
     desc = []
     for g in ("wgrad", "dgrad"):
         bs = [u[f"{g}_b_star"] for u in units]
         bn = [u[f"{g}_b_noise"] for u in units]
-        desc.append({"gemm": g, "b_star": bs, "b_noise": bn,
-                     "rn_final": [u[f"{g}_rn_final"] for u in units], "sr_final": [u[f"{g}_sr_final"] for u in units],
-                     "sr_up_final": [u[f"{g}_sr_up_final"] for u in units], "noise_1": [u[f"{g}_noise_1"] for u in units]})
-    return {"experiment": "sr_accumulation",
-            "config": {"run_dir": str(run_dir), "checkpoints": [c[0] for c in ckpts], "sequences": sequences,
-                       "batches": batches, "batch_size": batch_size, "seed": seed, "split": "train",
-                       "reference": "the GEMM with the exact gradient operand (the other operand as quantized)"},
-            "tables": [{"title": "SR accumulation: differences at the end of the running sum", "unit": unit_txt,
-                        "rows": rows}],
-            "units": units, "descriptive": desc, "curves": curves}
+        desc.append(
+            {
+                "gemm": g,
+                "b_star": bs,
+                "b_noise": bn,
+                "rn_final": [u[f"{g}_rn_final"] for u in units],
+                "sr_final": [u[f"{g}_sr_final"] for u in units],
+                "sr_up_final": [u[f"{g}_sr_up_final"] for u in units],
+                "noise_1": [u[f"{g}_noise_1"] for u in units],
+            }
+        )
+    return {
+        "experiment": "sr_accumulation",
+        "config": {
+            "run_dir": str(run_dir),
+            "checkpoints": [c[0] for c in ckpts],
+            "sequences": sequences,
+            "batches": batches,
+            "batch_size": batch_size,
+            "seed": seed,
+            "split": "train",
+            "reference": "the GEMM with the exact gradient operand (the other operand as quantized)",
+        },
+        "tables": [
+            {"title": "SR accumulation: differences at the end of the running sum", "unit": unit_txt, "rows": rows}
+        ],
+        "units": units,
+        "descriptive": desc,
+        "curves": curves,
+    }
 
 
 def _plot_sr_accumulation(res, path):
@@ -263,8 +308,13 @@ def _plot_sr_accumulation(res, path):
         for i, c in enumerate(res["curves"]):
             for a, col in colors.items():
                 ys = c[f"{g}_{a}"]
-                ax.plot(range(1, len(ys) + 1), ys, color=col, alpha=0.6,
-                        label={"rn": "RN", "sr": "SR", "sr_up": "SR, scales rounded up"}[a] if i == 0 else None)
+                ax.plot(
+                    range(1, len(ys) + 1),
+                    ys,
+                    color=col,
+                    alpha=0.6,
+                    label={"rn": "RN", "sr": "SR", "sr_up": "SR, scales rounded up"}[a] if i == 0 else None,
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("B (batches summed)")
@@ -293,8 +343,17 @@ def _wgrad_parts(x, dy, spec_go, spec_in, gen=None, size=None):
     return _q(a, spec_go, gen) @ _q(b, spec_in).t(), _basis(a, spec_go) @ _basis(b, spec_in).t()
 
 
-def rht(run_dir, *, checkpoints: str | None = None, n_checkpoints: int = 4, batches: int = 4, batch_size: int = 4,
-        draws: int = 4, seed: int = 0, log=print) -> dict:
+def rht(
+    run_dir,
+    *,
+    checkpoints: str | None = None,
+    n_checkpoints: int = 4,
+    batches: int = 4,
+    batch_size: int = 4,
+    draws: int = 4,
+    seed: int = 0,
+    log=print,
+) -> dict:
     """The RHT per checkpoint x batch: Wgrad error, dy^T underflow, SR variance, Hadamard sizes."""
     ckpts = _pick(run_checkpoints(run_dir), checkpoints, n_checkpoints)
     data = load_batches(run_dir, batches, batch_size)
@@ -302,8 +361,12 @@ def rht(run_dir, *, checkpoints: str | None = None, n_checkpoints: int = 4, batc
     for step, path in ckpts:
         model = load_model(path)
         rec = model.nvfp4_state.recipe.replace(rht_size=16)
-        rn = {t: role_table(rec.replace(disable_stochastic_rounding=True, disable_rht=t == "off")) for t in ("on", "off")}
-        sr = {t: role_table(rec.replace(disable_stochastic_rounding=False, disable_rht=t == "off")) for t in ("on", "off")}
+        rn = {
+            t: role_table(rec.replace(disable_stochastic_rounding=True, disable_rht=t == "off")) for t in ("on", "off")
+        }
+        sr = {
+            t: role_table(rec.replace(disable_stochastic_rounding=False, disable_rht=t == "off")) for t in ("on", "off")
+        }
         layers = _converted(model)
         for bi, batch in enumerate(data):
             caps = capture(model, batch, layers)
@@ -321,8 +384,10 @@ def rht(run_dir, *, checkpoints: str | None = None, n_checkpoints: int = 4, batc
                         acc[f"err_{t}"] += float((est - ref).pow(2).sum())
                         if t == "off":
                             acc["ref"] += float(ref.pow(2).sum())
-                        ds = [_wgrad_parts(x, dy, sr[t]["wgrad_grad_output"], sr[t]["wgrad_input"], gen)[0]
-                              for _ in range(draws)]
+                        ds = [
+                            _wgrad_parts(x, dy, sr[t]["wgrad_grad_output"], sr[t]["wgrad_input"], gen)[0]
+                            for _ in range(draws)
+                        ]
                         st = torch.stack(ds)
                         acc[f"var_{t}"] += float((st - st.mean(0)).pow(2).sum()) / (draws - 1)
                         if t == "off":
@@ -334,47 +399,83 @@ def rht(run_dir, *, checkpoints: str | None = None, n_checkpoints: int = 4, batc
                     kurt.append(outlier_stats(dy.t(), 16)[0])
                     under_on.append(quant_health(dy.t(), rn["on"]["wgrad_grad_output"])[0])
                     under_off.append(quant_health(dy.t(), rn["off"]["wgrad_grad_output"])[0])
-            u = {"checkpoint": step, "batch": bi,
-                 "wgrad_err_rht": math.sqrt(acc["err_on"] / acc["ref"]),
-                 "wgrad_err_no_rht": math.sqrt(acc["err_off"] / acc["ref"]),
-                 "sr_var_rht": acc["var_on"] / acc["refsr"], "sr_var_no_rht": acc["var_off"] / acc["refsr"],
-                 "dy_kurtosis": sum(kurt) / len(kurt),
-                 "dyT_underflow_rht": sum(under_on) / len(under_on),
-                 "dyT_underflow_no_rht": sum(under_off) / len(under_off)}
+            u = {
+                "checkpoint": step,
+                "batch": bi,
+                "wgrad_err_rht": math.sqrt(acc["err_on"] / acc["ref"]),
+                "wgrad_err_no_rht": math.sqrt(acc["err_off"] / acc["ref"]),
+                "sr_var_rht": acc["var_on"] / acc["refsr"],
+                "sr_var_no_rht": acc["var_off"] / acc["refsr"],
+                "dy_kurtosis": sum(kurt) / len(kurt),
+                "dyT_underflow_rht": sum(under_on) / len(under_on),
+                "dyT_underflow_no_rht": sum(under_off) / len(under_off),
+            }
             for s in RHT_SIZES:
                 u[f"wgrad_err_size_{s}"] = math.sqrt(acc[f"size_{s}"] / acc[f"ref_{s}"])
             units.append(u)
-            log(f"rht: checkpoint {step} batch {bi}: err {u['wgrad_err_no_rht']:.4f} -> {u['wgrad_err_rht']:.4f}, "
-                f"underflow {u['dyT_underflow_no_rht']:.3f} -> {u['dyT_underflow_rht']:.3f}, kurtosis {u['dy_kurtosis']:.1f}")
+            log(
+                f"rht: checkpoint {step} batch {bi}: err {u['wgrad_err_no_rht']:.4f} -> {u['wgrad_err_rht']:.4f}, "
+                f"underflow {u['dyT_underflow_no_rht']:.3f} -> {u['dyT_underflow_rht']:.3f}, "
+                f"kurtosis {u['dy_kurtosis']:.1f}"
+            )
     unit_txt = f"checkpoint x batch ({len(ckpts)} x {batches})"
     diff = [u["wgrad_err_no_rht"] - u["wgrad_err_rht"] for u in units]
     rows = [
         t_row(diff, test="Wgrad rel. error (RN), without RHT minus with", unit=unit_txt),
-        t_row([u["dyT_underflow_no_rht"] - u["dyT_underflow_rht"] for u in units],
-              test="dy^T underflow (non-zero -> 0), without RHT minus with", unit=unit_txt),
-        t_row([math.log(u["sr_var_no_rht"] / u["sr_var_rht"]) for u in units],
-              test="log(SR variance of Wgrad without RHT / with)", unit=unit_txt),
-        regression_row([u["dy_kurtosis"] for u in units], diff,
-                       test="slope of (error without - with RHT) on dy row kurtosis", unit=unit_txt),
+        t_row(
+            [u["dyT_underflow_no_rht"] - u["dyT_underflow_rht"] for u in units],
+            test="dy^T underflow (non-zero -> 0), without RHT minus with",
+            unit=unit_txt,
+        ),
+        t_row(
+            [math.log(u["sr_var_no_rht"] / u["sr_var_rht"]) for u in units],
+            test="log(SR variance of Wgrad without RHT / with)",
+            unit=unit_txt,
+        ),
+        regression_row(
+            [u["dy_kurtosis"] for u in units],
+            diff,
+            test="slope of (error without - with RHT) on dy row kurtosis",
+            unit=unit_txt,
+        ),
     ]
     for s in (4, 64, 128):
-        rows.append(t_row([u[f"wgrad_err_size_{s}"] - u["wgrad_err_size_16"] for u in units],
-                          test=f"Wgrad rel. error (RN), RHT size {s} minus size 16", unit=unit_txt))
+        rows.append(
+            t_row(
+                [u[f"wgrad_err_size_{s}"] - u["wgrad_err_size_16"] for u in units],
+                test=f"Wgrad rel. error (RN), RHT size {s} minus size 16",
+                unit=unit_txt,
+            )
+        )
     per_ckpt = []
     for step, _ in ckpts:
         us = [u for u in units if u["checkpoint"] == step]
-        per_ckpt.append(t_row([u["wgrad_err_no_rht"] - u["wgrad_err_rht"] for u in us],
-                              test=f"checkpoint {step}: Wgrad error without RHT minus with",
-                              unit=f"batch ({len(us)}), one checkpoint"))
-    return {"experiment": "rht",
-            "config": {"run_dir": str(run_dir), "checkpoints": [c[0] for c in ckpts], "batches": batches,
-                       "batch_size": batch_size, "draws": draws, "seed": seed, "split": "eval",
-                       "note": "errors pooled over the converted layers of each unit (Frobenius); the RHT "
-                               "comparison uses nearest rounding so that SR noise does not enter it"},
-            "tables": [{"title": "RHT, pooled over checkpoints x batches", "unit": unit_txt, "rows": rows},
-                       {"title": "RHT Wgrad error, per checkpoint", "unit": "batch, within one checkpoint",
-                        "rows": per_ckpt}],
-            "units": units}
+        per_ckpt.append(
+            t_row(
+                [u["wgrad_err_no_rht"] - u["wgrad_err_rht"] for u in us],
+                test=f"checkpoint {step}: Wgrad error without RHT minus with",
+                unit=f"batch ({len(us)}), one checkpoint",
+            )
+        )
+    return {
+        "experiment": "rht",
+        "config": {
+            "run_dir": str(run_dir),
+            "checkpoints": [c[0] for c in ckpts],
+            "batches": batches,
+            "batch_size": batch_size,
+            "draws": draws,
+            "seed": seed,
+            "split": "eval",
+            "note": "errors pooled over the converted layers of each unit (Frobenius); the RHT "
+            "comparison uses nearest rounding so that SR noise does not enter it",
+        },
+        "tables": [
+            {"title": "RHT, pooled over checkpoints x batches", "unit": unit_txt, "rows": rows},
+            {"title": "RHT Wgrad error, per checkpoint", "unit": "batch, within one checkpoint", "rows": per_ckpt},
+        ],
+        "units": units,
+    }
 
 
 def _plot_rht(res, path):
@@ -388,8 +489,11 @@ def _plot_rht(res, path):
     ax = axes[0]
     for step in sorted({u["checkpoint"] for u in us}):
         pts = [u for u in us if u["checkpoint"] == step]
-        ax.scatter([u["dy_kurtosis"] for u in pts], [u["wgrad_err_no_rht"] - u["wgrad_err_rht"] for u in pts],
-                   label=f"step {step}")
+        ax.scatter(
+            [u["dy_kurtosis"] for u in pts],
+            [u["wgrad_err_no_rht"] - u["wgrad_err_rht"] for u in pts],
+            label=f"step {step}",
+        )
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("dy row kurtosis")
     ax.set_ylabel("Wgrad error: without RHT - with")
@@ -444,9 +548,11 @@ class _Probe(torch.autograd.Function):
 def _probed(model, roles, mode, gen):
     mods = [m for m in model.modules() if isinstance(m, NVFP4Linear)]
     for m in mods:
+
         def fwd(x, m=m):
             y = _Probe.apply(x, m.weight, roles, mode, gen)
             return y + m.bias if m.bias is not None else y
+
         m.forward = fwd
     try:
         yield
@@ -458,7 +564,9 @@ def _probed(model, roles, mode, gen):
 def _grad_vector(model, batch) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.autograd.grad(_loss(model, batch), params, allow_unused=True)
-    return torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params, strict=True)])
+    return torch.cat(
+        [(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params, strict=True)]
+    )
 
 
 def _cos(a, b) -> float:
@@ -468,8 +576,9 @@ def _cos(a, b) -> float:
 def _train_steps(model, batches, lrs, seed: int) -> None:
     """Plain AdamW steps (betas of the recipe run) on ``batches`` at learning rates ``lrs``."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lrs[0], betas=(0.9, 0.95),
-                            weight_decay=0.1)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lrs[0], betas=(0.9, 0.95), weight_decay=0.1
+    )
     model.train()
     for b, lr in zip(batches, lrs, strict=True):
         for group in opt.param_groups:
@@ -495,9 +604,13 @@ def _lr_schedule(run_dir, start: int, n: int) -> list[float]:
     decay = int(round(t["decay_fraction"] * total))
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=t["lr"])
-    sched = get_scheduler("warmup_stable_decay", opt, num_warmup_steps=min(t["warmup_steps"], total - decay),
-                          num_training_steps=total,
-                          scheduler_specific_kwargs={"num_decay_steps": decay, "min_lr_ratio": t.get("min_lr_ratio", 0.0)})
+    sched = get_scheduler(
+        "warmup_stable_decay",
+        opt,
+        num_warmup_steps=min(t["warmup_steps"], total - decay),
+        num_training_steps=total,
+        scheduler_specific_kwargs={"num_decay_steps": decay, "min_lr_ratio": t.get("min_lr_ratio", 0.0)},
+    )
     lrs = []
     for s in range(start + n):
         if s >= start:
@@ -507,8 +620,18 @@ def _lr_schedule(run_dir, start: int, n: int) -> list[float]:
     return lrs
 
 
-def consistency(run_dir, *, checkpoints: str | None = None, n_checkpoints: int = 4, batches: int = 2,
-                batch_size: int = 4, steps: int = 30, seeds: int = 3, seed: int = 0, log=print) -> dict:
+def consistency(
+    run_dir,
+    *,
+    checkpoints: str | None = None,
+    n_checkpoints: int = 4,
+    batches: int = 2,
+    batch_size: int = 4,
+    steps: int = 30,
+    seeds: int = 3,
+    seed: int = 0,
+    log=print,
+) -> dict:
     """2D vs 1D weight scaling: gradient consistency per checkpoint x batch, then paired steps (module docstring)."""
     ckpts = _pick(run_checkpoints(run_dir), checkpoints, n_checkpoints)
     data = load_batches(run_dir, batches, batch_size)
@@ -531,16 +654,25 @@ def consistency(run_dir, *, checkpoints: str | None = None, n_checkpoints: int =
                     est = _grad_vector(model, batch)
                 u[f"cos_rn_{tag}"], u[f"relerr_rn_{tag}"] = _cos(est, ref), _rel(est, ref)
             units.append(u)
-            log(f"consistency: checkpoint {step} batch {bi}: rel. error 2D {u['relerr_2d']:.4f} 1D {u['relerr_1d']:.4f}"
-                f" (RN: {u['relerr_rn_2d']:.4f} / {u['relerr_rn_1d']:.4f})")
+            log(
+                f"consistency: checkpoint {step} batch {bi}: rel. error 2D {u['relerr_2d']:.4f} 1D {u['relerr_1d']:.4f}"
+                f" (RN: {u['relerr_rn_2d']:.4f} / {u['relerr_rn_1d']:.4f})"
+            )
     unit_txt = f"checkpoint x batch ({len(ckpts)} x {batches})"
     rows = [
-        t_row([u["relerr_1d"] - u["relerr_2d"] for u in units],
-              test="gradient rel. error vs its forward's exact gradient, 1D minus 2D (recipe, SR)", unit=unit_txt),
-        t_row([u["cos_2d"] - u["cos_1d"] for u in units], test="gradient cosine, 2D minus 1D (recipe, SR)",
-              unit=unit_txt),
-        t_row([u["relerr_rn_1d"] - u["relerr_rn_2d"] for u in units],
-              test="gradient rel. error, 1D minus 2D (nearest rounding)", unit=unit_txt),
+        t_row(
+            [u["relerr_1d"] - u["relerr_2d"] for u in units],
+            test="gradient rel. error vs its forward's exact gradient, 1D minus 2D (recipe, SR)",
+            unit=unit_txt,
+        ),
+        t_row(
+            [u["cos_2d"] - u["cos_1d"] for u in units], test="gradient cosine, 2D minus 1D (recipe, SR)", unit=unit_txt
+        ),
+        t_row(
+            [u["relerr_rn_1d"] - u["relerr_rn_2d"] for u in units],
+            test="gradient rel. error, 1D minus 2D (nearest rounding)",
+            unit=unit_txt,
+        ),
     ]
     tables = [{"title": "2D scaling: gradient consistency", "unit": unit_txt, "rows": rows}]
     train = []
@@ -562,19 +694,38 @@ def consistency(run_dir, *, checkpoints: str | None = None, n_checkpoints: int =
                 row[f"loss_{tag}"] = sum(_eval_losses(m, ev)) / len(ev)
             train.append(row)
             log(f"consistency: seed {s}: eval loss after {steps} steps 2D {row['loss_2d']:.4f} 1D {row['loss_1d']:.4f}")
-        tables.append({"title": f"2D scaling: {steps} paired steps from checkpoint {step0}",
-                       "unit": f"training seed ({seeds}), one checkpoint",
-                       "rows": [t_row([r["loss_1d"] - r["loss_2d"] for r in train],
-                                      test=f"eval loss after {steps} steps, 1D minus 2D",
-                                      unit=f"training seed ({seeds}), one checkpoint")]})
-    return {"experiment": "consistency",
-            "config": {"run_dir": str(run_dir), "checkpoints": [c[0] for c in ckpts], "batches": batches,
-                       "batch_size": batch_size, "steps": steps, "seeds": seeds, "seed": seed,
-                       "reference": "straight-through gradient of the same quantized forward (fp32 backward GEMMs "
-                                    "with the forward's quantized W and x)",
-                       "training": "plain AdamW (fresh moments) at the run's scheduled learning rates; the same "
-                                   "batches in a seed-chosen order for both arms"},
-            "tables": tables, "units": units, "train": train}
+        tables.append(
+            {
+                "title": f"2D scaling: {steps} paired steps from checkpoint {step0}",
+                "unit": f"training seed ({seeds}), one checkpoint",
+                "rows": [
+                    t_row(
+                        [r["loss_1d"] - r["loss_2d"] for r in train],
+                        test=f"eval loss after {steps} steps, 1D minus 2D",
+                        unit=f"training seed ({seeds}), one checkpoint",
+                    )
+                ],
+            }
+        )
+    return {
+        "experiment": "consistency",
+        "config": {
+            "run_dir": str(run_dir),
+            "checkpoints": [c[0] for c in ckpts],
+            "batches": batches,
+            "batch_size": batch_size,
+            "steps": steps,
+            "seeds": seeds,
+            "seed": seed,
+            "reference": "straight-through gradient of the same quantized forward (fp32 backward GEMMs "
+            "with the forward's quantized W and x)",
+            "training": "plain AdamW (fresh moments) at the run's scheduled learning rates; the same "
+            "batches in a seed-chosen order for both arms",
+        },
+        "tables": tables,
+        "units": units,
+        "train": train,
+    }
 
 
 def _plot_consistency(res, path):
@@ -608,8 +759,16 @@ def _plot_consistency(res, path):
 
 
 # -- 4: BF16 blocks, depth profile -----------------------------------------------------------------------------
-def depth(run_dir, *, checkpoints: str | None = None, n_checkpoints: int = 2, batches: int = 25, batch_size: int = 4,
-          grad_batches: int = 2, log=print) -> dict:
+def depth(
+    run_dir,
+    *,
+    checkpoints: str | None = None,
+    n_checkpoints: int = 2,
+    batches: int = 25,
+    batch_size: int = 4,
+    grad_batches: int = 2,
+    log=print,
+) -> dict:
     """One block at a time in NVFP4, the rest BF16: loss increase and gradient cosine per block."""
     from ..nn.convert import convert_model, find_blocks, unconvert_model
 
@@ -626,32 +785,52 @@ def depth(run_dir, *, checkpoints: str | None = None, n_checkpoints: int = 2, ba
         gbase = [_grad_vector(plain, b) for b in data[:grad_batches]]
         for i in range(n_blocks):
             keep = [f"{prefix}.{j}" for j in range(n_blocks) if j != i]
-            m = convert_model(copy.deepcopy(plain), rec.replace(bf16_first_blocks=0, bf16_last_blocks=0,
-                                                                modules_to_not_convert=keep))
+            m = convert_model(
+                copy.deepcopy(plain), rec.replace(bf16_first_blocks=0, bf16_last_blocks=0, modules_to_not_convert=keep)
+            )
             losses = _eval_losses(m, data)
             cos = [_cos(_grad_vector(m, b), g) for b, g in zip(data[:grad_batches], gbase, strict=True)]
             for bi, (lq, lb) in enumerate(zip(losses, base, strict=True)):
                 units.append({"checkpoint": step, "batch": bi, "block": i, "dloss": lq - lb})
             units.append({"checkpoint": step, "block": i, "grad_cos": cos})
-            log(f"depth: checkpoint {step} block {i}: loss +{sum(losses) / len(losses) - sum(base) / len(base):.5f}, "
-                f"grad cos {sum(cos) / len(cos):.5f}")
+            log(
+                f"depth: checkpoint {step} block {i}: loss +{sum(losses) / len(losses) - sum(base) / len(base):.5f}, "
+                f"grad cos {sum(cos) / len(cos):.5f}"
+            )
     unit_txt = f"checkpoint x eval batch ({len(ckpts)} x {batches})"
     rows = []
     for i in range(n_blocks):
-        rows.append(t_row([u["dloss"] for u in units if u.get("block") == i and "dloss" in u],
-                          test=f"block {i} alone in NVFP4: loss minus BF16 loss", unit=unit_txt))
+        rows.append(
+            t_row(
+                [u["dloss"] for u in units if u.get("block") == i and "dloss" in u],
+                test=f"block {i} alone in NVFP4: loss minus BF16 loss",
+                unit=unit_txt,
+            )
+        )
     last = n_blocks - 1
     for i in range(n_blocks - 1):
         a = {(u["checkpoint"], u["batch"]): u["dloss"] for u in units if u.get("block") == last and "dloss" in u}
         d = [a[(u["checkpoint"], u["batch"])] - u["dloss"] for u in units if u.get("block") == i and "dloss" in u]
         rows.append(t_row(d, test=f"loss increase: last block {last} minus block {i}", unit=unit_txt))
-    cos = [{"block": i, "grad_cos": [c for u in units if u.get("block") == i and "grad_cos" in u for c in u["grad_cos"]]}
-           for i in range(n_blocks)]
-    return {"experiment": "depth",
-            "config": {"run_dir": str(run_dir), "checkpoints": [c[0] for c in ckpts], "batches": batches,
-                       "batch_size": batch_size, "grad_batches": grad_batches, "n_blocks": n_blocks, "split": "eval"},
-            "tables": [{"title": "Depth profile: one block in NVFP4, the rest BF16", "unit": unit_txt, "rows": rows}],
-            "grad_cos": cos, "units": units}
+    cos = [
+        {"block": i, "grad_cos": [c for u in units if u.get("block") == i and "grad_cos" in u for c in u["grad_cos"]]}
+        for i in range(n_blocks)
+    ]
+    return {
+        "experiment": "depth",
+        "config": {
+            "run_dir": str(run_dir),
+            "checkpoints": [c[0] for c in ckpts],
+            "batches": batches,
+            "batch_size": batch_size,
+            "grad_batches": grad_batches,
+            "n_blocks": n_blocks,
+            "split": "eval",
+        },
+        "tables": [{"title": "Depth profile: one block in NVFP4, the rest BF16", "unit": unit_txt, "rows": rows}],
+        "grad_cos": cos,
+        "units": units,
+    }
 
 
 def _plot_depth(res, path):
@@ -663,8 +842,13 @@ def _plot_depth(res, path):
     rows = [r for r in res["tables"][0]["rows"] if r["test"].endswith("BF16 loss")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     xs = list(range(len(rows)))
-    axes[0].errorbar(xs, [r["mean"] for r in rows], yerr=[[r["mean"] - r["lo"] for r in rows],
-                                                           [r["hi"] - r["mean"] for r in rows]], fmt="o", capsize=3)
+    axes[0].errorbar(
+        xs,
+        [r["mean"] for r in rows],
+        yerr=[[r["mean"] - r["lo"] for r in rows], [r["hi"] - r["mean"] for r in rows]],
+        fmt="o",
+        capsize=3,
+    )
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].set_xlabel("block quantized (alone)")
     axes[0].set_ylabel("eval loss minus BF16 (95% CI, unadjusted)")
@@ -682,8 +866,18 @@ def _plot_depth(res, path):
 ARMS = ("keep", "all", "forward", "backward")
 
 
-def late_switch(run_dir, *, checkpoints: str | None = None, n_checkpoints: int = 5, batches: int = 20,
-                batch_size: int = 4, at: float = 0.82, seeds: int = 8, steps: int | None = None, log=print) -> dict:
+def late_switch(
+    run_dir,
+    *,
+    checkpoints: str | None = None,
+    n_checkpoints: int = 5,
+    batches: int = 20,
+    batch_size: int = 4,
+    at: float = 0.82,
+    seeds: int = 8,
+    steps: int | None = None,
+    log=print,
+) -> dict:
     """Delta(t) across checkpoints, then the four branches from the checkpoint nearest ``at`` of training."""
     import hf_nvfp4
 
@@ -698,8 +892,14 @@ def late_switch(run_dir, *, checkpoints: str | None = None, n_checkpoints: int =
         lb = _eval_losses(model, data)
         d = [a - b for a, b in zip(lq, lb, strict=True)]
         units += [{"checkpoint": step, "batch": i, "delta": x} for i, x in enumerate(d)]
-        rows.append(t_row(d, test=f"Delta at step {step}: loss NVFP4 forward minus BF16 forward",
-                          unit=f"eval batch ({batches}), one checkpoint", step=step))
+        rows.append(
+            t_row(
+                d,
+                test=f"Delta at step {step}: loss NVFP4 forward minus BF16 forward",
+                unit=f"eval batch ({batches}), one checkpoint",
+                step=step,
+            )
+        )
         log(f"late_switch: step {step}: Delta {rows[-1]['mean']:+.5f}")
     tables = [{"title": "Delta(t) across checkpoints", "unit": "eval batch, per checkpoint", "rows": rows}]
     total = max_steps(run_dir)
@@ -724,17 +924,39 @@ def late_switch(run_dir, *, checkpoints: str | None = None, n_checkpoints: int =
             branch.append(row)
             log(f"late_switch: seed {s}: " + " ".join(f"{a} {row['loss_' + a]:.4f}" for a in ARMS))
         unit = f"training seed ({seeds}), branches from checkpoint {start_step}"
-        tables.append({"title": f"Late switch from step {start_step} of {total} ({n} steps)", "unit": unit,
-                       "rows": [t_row([r[f"loss_{a}"] - r["loss_keep"] for r in branch],
-                                      test=f"eval loss (BF16 eval), switch {a} minus keep NVFP4", unit=unit)
-                                for a in ARMS[1:]]})
-    return {"experiment": "late_switch",
-            "config": {"run_dir": str(run_dir), "checkpoints": [c[0] for c in ckpts], "batches": batches,
-                       "batch_size": batch_size, "at": at, "branch_step": start_step, "branch_steps": n,
-                       "seeds": list(range(seeds)), "max_steps": total,
-                       "training": "plain AdamW (fresh moments) at the run's scheduled learning rates; every arm "
-                                   "sees the same batches in a seed-chosen order"},
-            "tables": tables, "units": units, "branch": branch}
+        tables.append(
+            {
+                "title": f"Late switch from step {start_step} of {total} ({n} steps)",
+                "unit": unit,
+                "rows": [
+                    t_row(
+                        [r[f"loss_{a}"] - r["loss_keep"] for r in branch],
+                        test=f"eval loss (BF16 eval), switch {a} minus keep NVFP4",
+                        unit=unit,
+                    )
+                    for a in ARMS[1:]
+                ],
+            }
+        )
+    return {
+        "experiment": "late_switch",
+        "config": {
+            "run_dir": str(run_dir),
+            "checkpoints": [c[0] for c in ckpts],
+            "batches": batches,
+            "batch_size": batch_size,
+            "at": at,
+            "branch_step": start_step,
+            "branch_steps": n,
+            "seeds": list(range(seeds)),
+            "max_steps": total,
+            "training": "plain AdamW (fresh moments) at the run's scheduled learning rates; every arm "
+            "sees the same batches in a seed-chosen order",
+        },
+        "tables": tables,
+        "units": units,
+        "branch": branch,
+    }
 
 
 def _plot_late_switch(res, path):
@@ -745,8 +967,13 @@ def _plot_late_switch(res, path):
 
     rows = res["tables"][0]["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].errorbar([r["step"] for r in rows], [r["mean"] for r in rows],
-                     yerr=[[r["mean"] - r["lo"] for r in rows], [r["hi"] - r["mean"] for r in rows]], fmt="o-", capsize=3)
+    axes[0].errorbar(
+        [r["step"] for r in rows],
+        [r["mean"] for r in rows],
+        yerr=[[r["mean"] - r["lo"] for r in rows], [r["hi"] - r["mean"] for r in rows]],
+        fmt="o-",
+        capsize=3,
+    )
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].axvline(res["config"]["max_steps"] * res["config"]["at"], color="C3", ls="--", lw=0.7)
     axes[0].set_xlabel("step")
@@ -763,9 +990,13 @@ def _plot_late_switch(res, path):
 
 
 # -- running and writing ---------------------------------------------------------------------------------------
-RUNNERS = {"sr_accumulation": (sr_accumulation, _plot_sr_accumulation), "rht": (rht, _plot_rht),
-           "consistency": (consistency, _plot_consistency), "depth": (depth, _plot_depth),
-           "late_switch": (late_switch, _plot_late_switch)}
+RUNNERS = {
+    "sr_accumulation": (sr_accumulation, _plot_sr_accumulation),
+    "rht": (rht, _plot_rht),
+    "consistency": (consistency, _plot_consistency),
+    "depth": (depth, _plot_depth),
+    "late_switch": (late_switch, _plot_late_switch),
+}
 
 
 def _flat_rows(res) -> list[dict]:
@@ -824,25 +1055,48 @@ def markdown_tables(results: list[dict], method: str = "holm") -> str:
     """Every experiment's tables, corrected together (``method``) across the page."""
     tables, m = page_tables(results, method)
     name = {"holm": "Holm", "bh": "Benjamini-Hochberg"}[method]
-    lines = [f"All {m} tests below are corrected together ({name}, family-wise 5%). "
-             "\"resolved\" = the adjusted p-value is below 0.05; intervals are unadjusted Student-t 95%.", ""]
+    lines = [
+        f"All {m} tests below are corrected together ({name}, family-wise 5%). "
+        '"resolved" = the adjusted p-value is below 0.05; intervals are unadjusted Student-t 95%.',
+        "",
+    ]
     for res in results:
         c = res["config"]
-        lines += [f"### {res['experiment']}", "",
-                  f"Checkpoints {c.get('checkpoints')}; {c.get('seconds', '?')} s on {c.get('threads', '?')} threads.", ""]
+        lines += [
+            f"### {res['experiment']}",
+            "",
+            f"Checkpoints {c.get('checkpoints')}; {c.get('seconds', '?')} s on {c.get('threads', '?')} threads.",
+            "",
+        ]
         for t in res["tables"]:
-            lines += [f"**{t['title']}** (replication unit: {t['unit']})", "",
-                      "| test | mean [95% CI] | n | p | p adj. | resolved |", "|---|---|---|---|---|---|"]
+            lines += [
+                f"**{t['title']}** (replication unit: {t['unit']})",
+                "",
+                "| test | mean [95% CI] | n | p | p adj. | resolved |",
+                "|---|---|---|---|---|---|",
+            ]
             for r in t["rows"]:
-                lines.append(f"| {r['test']} | {_num(r['mean'])} [{_num(r['lo'])}, {_num(r['hi'])}] | {r['n']} | "
-                             f"{_p(r['p'])} | {_p(r['p_adj'])} | "
-                             f"{'yes' if r['resolved'] else 'no' if r['resolved'] is not None else '-'} |")
+                lines.append(
+                    f"| {r['test']} | {_num(r['mean'])} [{_num(r['lo'])}, {_num(r['hi'])}] | {r['n']} | "
+                    f"{_p(r['p'])} | {_p(r['p_adj'])} | "
+                    f"{'yes' if r['resolved'] else 'no' if r['resolved'] is not None else '-'} |"
+                )
             lines.append("")
     return "\n".join(lines)
 
 
-__all__ = ["EXPERIMENTS", "consistency", "depth", "fake_sr_scale_up", "late_switch", "markdown_tables", "rht",
-           "run_experiment", "sr_accumulation", "write_experiment"]
+__all__ = [
+    "EXPERIMENTS",
+    "consistency",
+    "depth",
+    "fake_sr_scale_up",
+    "late_switch",
+    "markdown_tables",
+    "rht",
+    "run_experiment",
+    "sr_accumulation",
+    "write_experiment",
+]
 
 
 def write_page(out_dir, page=None, method: str = "holm") -> Path:
@@ -851,8 +1105,11 @@ def write_page(out_dir, page=None, method: str = "holm") -> Path:
     from ..generated import markers, write_generated
 
     out = Path(out_dir)
-    results = [json.loads((out / f"mechanisms_{n}.json").read_text()) for n in EXPERIMENTS
-               if (out / f"mechanisms_{n}.json").is_file()]
+    results = [
+        json.loads((out / f"mechanisms_{n}.json").read_text())
+        for n in EXPERIMENTS
+        if (out / f"mechanisms_{n}.json").is_file()
+    ]
     if not results:
         raise FileNotFoundError(f"{out}: no mechanisms_*.json to build a page from")
     path = Path(page) if page else out / "mechanisms.md"

@@ -74,8 +74,15 @@ def regression_row(x, y, level: float = 0.95, **fields) -> dict:
         return row
     r = stats.linregress(x, y)
     half = float(stats.t.ppf(0.5 + level / 2, n - 2)) * r.stderr
-    row.update(n=n, mean=float(r.slope), lo=float(r.slope - half), hi=float(r.slope + half), p=float(r.pvalue),
-               intercept=float(r.intercept), r=float(r.rvalue))
+    row.update(
+        n=n,
+        mean=float(r.slope),
+        lo=float(r.slope - half),
+        hi=float(r.slope + half),
+        p=float(r.pvalue),
+        intercept=float(r.intercept),
+        r=float(r.rvalue),
+    )
     return row
 
 

@@ -19,9 +19,13 @@ from scipy import stats
 
 from .multiple import correct
 
-COMPARISONS = (("vs_nvfp4", "loss vs NVFP4 full recipe"), ("vs_fp8", "loss vs FP8"), ("vs_bf16", "loss vs BF16"),
-               ("bf16_eval_vs_own", "BF16 forward vs as trained"),
-               ("bf16_eval_vs_bf16", "BF16 forward vs the BF16-trained model"))
+COMPARISONS = (
+    ("vs_nvfp4", "loss vs NVFP4 full recipe"),
+    ("vs_fp8", "loss vs FP8"),
+    ("vs_bf16", "loss vs BF16"),
+    ("bf16_eval_vs_own", "BF16 forward vs as trained"),
+    ("bf16_eval_vs_bf16", "BF16 forward vs the BF16-trained model"),
+)
 
 
 def _test(s: dict, level: float = 0.95) -> dict:
@@ -29,7 +33,14 @@ def _test(s: dict, level: float = 0.95) -> dict:
     if n < 2 or sd == 0:
         return {"n": n, "mean": mean, "sd": sd, "lo": s.get("lo"), "hi": s.get("hi"), "p": float("nan")}
     se = sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "lo": s["lo"], "hi": s["hi"], "p": float(2 * stats.t.sf(abs(mean) / se, n - 1))}
+    return {
+        "n": n,
+        "mean": mean,
+        "sd": sd,
+        "lo": s["lo"],
+        "hi": s["hi"],
+        "p": float(2 * stats.t.sf(abs(mean) / se, n - 1)),
+    }
 
 
 def corrected(table: list[dict], method: str = "holm") -> tuple[list[dict], int]:
@@ -52,16 +63,22 @@ def corrected(table: list[dict], method: str = "holm") -> tuple[list[dict], int]
 def markdown(rows: list[dict], m: int, method: str) -> str:
     name = {"holm": "Holm", "bh": "Benjamini-Hochberg"}[method]
     n_loss = sum(not r["comparison"].startswith("BF16 forward") for r in rows)
-    out = [f"{m} tests corrected together ({name}): {n_loss} loss comparisons and {len(rows) - n_loss} "
-           "BF16-evaluation comparisons, of which those with sd = 0 over seeds (nothing to test) carry no p-value. "
-           "Replication unit: the training seed (n = 3 per comparison). Relative gaps in %.", "",
-           "| variant | comparison | mean [95% CI] (%) | n | p | p adj. | resolved |", "|---|---|---|---|---|---|---|"]
+    out = [
+        f"{m} tests corrected together ({name}): {n_loss} loss comparisons and {len(rows) - n_loss} "
+        "BF16-evaluation comparisons, of which those with sd = 0 over seeds (nothing to test) carry no p-value. "
+        "Replication unit: the training seed (n = 3 per comparison). Relative gaps in %.",
+        "",
+        "| variant | comparison | mean [95% CI] (%) | n | p | p adj. | resolved |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         p = "-" if r["p"] != r["p"] else f"{r['p']:.4f}"
         pa = "-" if r["p_adj"] is None else f"{r['p_adj']:.3f}"
         res = "-" if r["resolved"] is None else "yes" if r["resolved"] else "no"
-        out.append(f"| `{r['variant']}` | {r['comparison']} | {100 * r['mean']:+.2f} [{100 * r['lo']:+.2f}, "
-                   f"{100 * r['hi']:+.2f}] | {r['n']} | {p} | {pa} | {res} |")
+        out.append(
+            f"| `{r['variant']}` | {r['comparison']} | {100 * r['mean']:+.2f} [{100 * r['lo']:+.2f}, "
+            f"{100 * r['hi']:+.2f}] | {r['n']} | {p} | {pa} | {res} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -77,7 +94,9 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(rows)
     (d / "sweep_corrected.md").write_text(markdown(rows, m, a.correction))
-    print(f"{m} tests; resolved after {a.correction}: {[(r['variant'], r['comparison']) for r in rows if r['resolved']]}")
+    print(
+        f"{m} tests; resolved after {a.correction}: {[(r['variant'], r['comparison']) for r in rows if r['resolved']]}"
+    )
     return 0
 
 
