@@ -151,3 +151,13 @@ def test_every_experiment_writes_json_csv_plot_and_the_page(run_dir, tmp_path):
         "switch forward",
         "switch backward",
     }
+
+
+def test_unknown_parameters_and_experiments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown parameter"):
+        mech.run_experiment("rht", tmp_path, tmp_path, nope=1)
+    with pytest.raises(ValueError, match="unknown experiment"):
+        mech.run_experiment("nope", tmp_path, tmp_path)
+    assert mech._pick([(41, "a"), (82, "b"), (164, "c")], 164, 2) == [(164, "c")]
+    with pytest.raises(ValueError, match="the run has steps"):
+        mech._pick([(41, "a")], "7", 1)

@@ -122,7 +122,7 @@ def _gen(seed: int) -> torch.Generator:
 def _pick(ckpts, which: str | None, default: int):
     """Checkpoints by a comma list of steps, or the last ``default`` ones."""
     if which:
-        steps = {int(s) for s in which.split(",")}
+        steps = {int(s) for s in str(which).split(",")}
         got = [c for c in ckpts if c[0] in steps]
         if len(got) != len(steps):
             raise ValueError(f"--checkpoints {which}: the run has steps {[c[0] for c in ckpts]}")
@@ -1027,6 +1027,12 @@ def write_experiment(res: dict, out_dir) -> list[Path]:
 def run_experiment(name: str, run_dir, out_dir, log=print, **kw) -> tuple[dict, list[Path]]:
     if name not in RUNNERS:
         raise ValueError(f"unknown experiment {name!r}; choose from {list(RUNNERS)}")
+    import inspect
+
+    known = [k for k in inspect.signature(RUNNERS[name][0]).parameters if k not in ("run_dir", "log")]
+    unknown = sorted(set(kw) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: unknown parameter(s) {unknown}; this experiment takes {known}")
     t0 = time.perf_counter()
     torch.manual_seed(0)
     res = RUNNERS[name][0](run_dir, log=log, **kw)
