@@ -161,3 +161,15 @@ def test_unknown_parameters_and_experiments_are_refused(tmp_path):
     assert mech._pick([(41, "a"), (82, "b"), (164, "c")], 164, 2) == [(164, "c")]
     with pytest.raises(ValueError, match="the run has steps"):
         mech._pick([(41, "a")], "7", 1)
+
+
+def test_the_recorded_sweep_resolves_nothing_under_holm():
+    from pathlib import Path
+
+    from hf_nvfp4.science.sweep import corrected
+
+    table = json.loads((Path(__file__).parents[1] / "docs/results/ablation.json").read_text())
+    rows, m = corrected(table)
+    assert m == 68 and not any(r["resolved"] for r in rows)
+    alloc = next(r for r in rows if r["variant"] == "fp8_nvfp4_alloc" and r["comparison"] == "loss vs FP8")
+    assert alloc["p"] == pytest.approx(0.0156, abs=1e-3) and alloc["p_adj"] == 1.0
