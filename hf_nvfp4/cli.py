@@ -152,6 +152,34 @@ def _diagnose(args) -> int:
     return 0
 
 
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _mechanisms(args) -> int:
+    from .science.mechanisms import EXPERIMENTS, run_experiment, write_page
+
+    kw = {}
+    for item in args.set or []:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write NAME=VALUE (e.g. --set batches=8)")
+        kw[k.replace("-", "_")] = _value(v)
+    out = args.out or str(Path(args.run_dir) / "mechanisms")
+    names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
+    for name in names:
+        _, paths = run_experiment(name, args.run_dir, out, **kw)
+        print(f"hf-nvfp4: wrote {', '.join(str(p) for p in paths)}")
+    page = write_page(out, args.page, args.correction)
+    print(f"hf-nvfp4: wrote {page}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-nvfp4", description="NVFP4 pretraining for the Hugging Face stack")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -210,6 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--recipe", help="recipe whose data gives the batch (default: MODEL_DIR/recipe.json)")
     d.add_argument("--split", choices=["eval", "train"], default="eval")
     d.set_defaults(fn=_diagnose)
+    mc = sub.add_parser("mechanisms", help="the recipe's mechanisms over checkpoints x batches (science experiments)")
+    mc.add_argument("run_dir", help="a run's output_dir with checkpoint-N folders (train with training.save_steps)")
+    mc.add_argument("--experiment", required=True,
+                    choices=["sr_accumulation", "rht", "consistency", "depth", "late_switch", "all"])
+    mc.add_argument("--out", help="results directory (default: RUN_DIR/mechanisms)")
+    mc.add_argument("--set", action="append", metavar="NAME=VALUE",
+                    help="an experiment parameter, e.g. --set batches=8 --set checkpoints=82,164 (repeatable)")
+    mc.add_argument("--page", help="Markdown page whose generated block to rewrite (default: OUT/mechanisms.md)")
+    mc.add_argument("--correction", choices=["holm", "bh"], default="holm",
+                    help="multiple-comparison correction across every test of the page (default holm)")
+    mc.set_defaults(fn=_mechanisms)
     x = sub.add_parser("export", help="write an NVFP4 serving checkpoint (compressed-tensors for vLLM, or ModelOpt)")
     x.add_argument("model_dir", help="a checkpoint trained with hf-nvfp4 (a run's output_dir)")
     x.add_argument("out_dir", help="a new or empty directory")

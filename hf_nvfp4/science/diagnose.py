@@ -31,6 +31,7 @@ restored and no parameter's ``.grad`` is touched, so it can run inside training
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,17 +41,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES, NVFP4Recipe, as_recipe
-from ..formats.hadamard import hadamard_transform
-from ..formats.nvfp4 import TENSOR_SCALE, NVFP4Tensor
-from ..formats.registry import get_format
+from ..config import GEMMS, PAPER_RHT_GEMMS, PAPER_STOCHASTIC_ROLES, NVFP4Recipe, as_recipe
+from ..formats.e2m1 import E2M1_VALUES
+from ..formats.registry import _rht, get_format
 from ..integrations._trainer import TrainerBound, unwrap
-from ..nn.convert import LM_HEAD_NAMES, find_blocks
+from ..nn.convert import find_blocks, plan_conversion
 from ..nn.linear import NVFP4Linear
+from ..ops.linear import _square
 from ..ops.roles import role_table
 from .stats import paired_summary, t_quantile
 
-GEMMS = ("fprop", "dgrad", "wgrad")
 TENSORS = {"act": "fprop_input", "weight": "fprop_weight", "grad": "dgrad_grad_output",
            "wgrad_grad": "wgrad_grad_output", "wgrad_act": "wgrad_input"}
 
@@ -60,10 +60,8 @@ def _basis(t: torch.Tensor, spec) -> torch.Tensor:
     """``t`` padded and Hadamard-transformed along its last dim if ``spec.rht``: the exact operand."""
     if not spec.rht:
         return t
-    fmt = get_format(spec.format)
-    width = max(spec.rht_size, fmt.act_tile[1] if fmt.act_tile else 1)
-    pad = (-t.shape[-1]) % width
-    return hadamard_transform(F.pad(t, (0, pad)) if pad else t, spec.rht_size)
+    tile = get_format(spec.format).act_tile
+    return _rht(t, spec.rht_size, tile[1] if tile else 1)  # the registry's own basis
 
 
 def _q(t: torch.Tensor, spec, gen=None) -> torch.Tensor:
@@ -78,8 +76,7 @@ def _q(t: torch.Tensor, spec, gen=None) -> torch.Tensor:
 def _dgrad_weight(w: torch.Tensor, roles, gen=None) -> torch.Tensor:
     """The W Dgrad multiplies (dx = dy @ this), as the training op builds it."""
     spec = roles["dgrad_weight"]
-    tile = spec.tile
-    if tile is not None and tile[0] == tile[1] and tile[0] > 1 or not get_format(spec.format).quantizes:
+    if _square(spec.tile) or not get_format(spec.format).quantizes:  # the training op's own test
         return _q(w, spec, gen)  # a square 2D tile is the same quantized W, transposed
     return _q(w.t(), spec, gen).t()  # blocks along N
 
@@ -149,19 +146,15 @@ def outlier_stats(t: torch.Tensor, block: int) -> tuple[float, float]:
 
 
 def _block_limit(q, rows: int, cols: int) -> torch.Tensor:
-    """The largest magnitude each element's block can hold, [rows, cols], from a quantized container."""
-    if isinstance(q, NVFP4Tensor):
-        lim = 6.0 * q.scale.float() * (q.amax.float() / TENSOR_SCALE)
-        return lim.repeat_interleave(16, dim=1)[:rows, :cols]
-    emax = 6.0 if q.element == "e2m1" else 448.0
-    s = q.scale_values()
-    if s.numel() == 1:
-        return (emax * s.reshape(())).expand(rows, cols)
-    tm, tk = q.tile or (1, cols)
-    s = s.repeat_interleave(tk, dim=1)
-    if tm > 1:
-        s = s.repeat_interleave(tm, dim=0)
-    return emax * s[:rows, :cols]
+    """The largest magnitude each element's block can hold, [rows, cols]: the container's own
+    dequantization with every element code set to the element format's largest value."""
+    if q.data.dtype == torch.uint8:  # two E2M1 codes a byte: the largest positive code in both nibbles
+        top = E2M1_VALUES.index(max(E2M1_VALUES))
+        full = torch.full_like(q.data, top | top << 4)
+    else:  # float8 elements
+        full = torch.full_like(q.data, torch.finfo(q.data.dtype).max)
+    lim = dataclasses.replace(q, data=full).dequantize(torch.float32)
+    return lim.reshape(-1, lim.shape[-1])[:rows, :cols]
 
 
 def quant_health(t: torch.Tensor, spec) -> tuple[float, float]:
@@ -247,8 +240,7 @@ def layer_metrics(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, recipe: NV
     size = mech.rht_size
     for name, t in (("wgrad_grad", dy.t()), ("wgrad_act", x.t())):
         k0, c0 = outlier_stats(t, size)
-        pad = (-t.shape[-1]) % size
-        k1, c1 = outlier_stats(hadamard_transform(F.pad(t, (0, pad)) if pad else t, size), size)
+        k1, c1 = outlier_stats(_rht(t, size, 1), size)
         out[f"{name}_kurtosis"], out[f"{name}_kurtosis_rht"] = k0, k1
         out[f"{name}_crest"], out[f"{name}_crest_rht"] = c0, c1
 
@@ -269,21 +261,18 @@ def layer_metrics(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, recipe: NV
 
 # -- capture on a real batch ----------------------------------------------------------------------------
 def target_layers(model: nn.Module) -> list[tuple[str, nn.Linear, int | None]]:
-    """(name, module, block index) of every converted Linear and every Linear inside the blocks
-    (every Linear, if the model has no stack of blocks), never the LM head."""
+    """(name, module, block index) of every converted Linear and every Linear the conversion
+    plan (:func:`hf_nvfp4.nn.convert.plan_conversion`, with the model's recipe) would convert or
+    keeps in a BF16 block; never the LM head, a skipped shape or ``modules_to_not_convert``."""
     _, blocks = find_blocks(model)
     block_of = {}
     for i, b in enumerate(blocks):
         for m in b.modules():
             block_of[id(m)] = i
-    out = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or name.split(".")[-1] in LM_HEAD_NAMES:
-            continue
-        inside = id(m) in block_of or not blocks
-        if isinstance(m, NVFP4Linear) or (inside and m.in_features % 16 == 0 and m.out_features % 16 == 0):
-            out.append((name, m, block_of.get(id(m))))
-    return out
+    st = getattr(model, "nvfp4_state", None)
+    plan = plan_conversion(model, st.recipe if st is not None else None)
+    return [(name, m, block_of.get(id(m))) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (isinstance(m, NVFP4Linear) or plan.get(name) in ("convert", "bf16 block"))]
 
 
 def _as_batch(batch, device):
