@@ -308,9 +308,10 @@ def _step_timer():
 
 def evaluate_in_bf16(trainer, model) -> float:
     """Held-out loss with every converted layer computing in BF16; the switch state is restored."""
-    from .nn.convert import temporary_precision
+    from .nn.convert import is_converted, temporary_precision
 
-    with temporary_precision(model, "bf16"):  # nothing converted: nothing to switch
+    # A model with nothing converted (the bf16 baseline) already computes in high precision.
+    with temporary_precision(model, "bf16" if is_converted(model) else None):
         return trainer.evaluate(metric_key_prefix="eval_bf16")["eval_bf16_loss"]
 
 
