@@ -174,7 +174,8 @@ def check_quantizers(device: str, quick: bool) -> tuple[bool, str]:
     bad = total = 0
     mode = hf_nvfp4.formats._compile.get_compile_mode()
     # every kernel meets many shapes and dtypes here: let it recompile rather than fall back to eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 64)
     try:
         for name, x in fixed_tensors(quick).items():
             for case, _ in quantizer_cases(x, "cpu"):
@@ -193,6 +194,7 @@ def check_quantizers(device: str, quick: bool) -> tuple[bool, str]:
                     print(f"    MISMATCH {case:18s} on {name}: {n} elements differ")
     finally:
         hf_nvfp4.set_compile_mode(mode)
+        torch._dynamo.config.recompile_limit = limit
     print(f"    {total - bad}/{total} cases bit-identical")
     return bad == 0, f"{total - bad}/{total} cases bit-identical"
 

@@ -1,11 +1,14 @@
 """Issue 24: the fused kernels are shape-generic. Many widths and sequence lengths in one process
 compile each kernel a bounded number of times, and nothing falls back to the eager path."""
 
+import logging
+
 import torch
 import torch._dynamo.utils as dynamo_utils
 
 import hf_nvfp4
-from hf_nvfp4.formats._compile import fallbacks
+from hf_nvfp4.formats import _compile
+from hf_nvfp4.formats._compile import fallbacks, fused, get_compile_mode
 
 
 def _step(width: int, seq: int) -> None:
@@ -19,6 +22,7 @@ def _step(width: int, seq: int) -> None:
 
 
 def test_many_widths_and_lengths_compile_a_bounded_number_of_times_without_fallback():
+    before_mode = get_compile_mode()
     hf_nvfp4.set_compile_mode("1")
     try:
         _step(64, 16)  # first shapes: every kernel compiles (dims dynamic from the start)
@@ -29,7 +33,35 @@ def test_many_widths_and_lengths_compile_a_bounded_number_of_times_without_fallb
                 _step(width, seq)
         new_graphs = dynamo_utils.counters["stats"]["unique_graphs"] - before
     finally:
-        hf_nvfp4.set_compile_mode("auto")
+        hf_nvfp4.set_compile_mode(before_mode)
     assert fallbacks() == {}, fallbacks()
     # 6 new shapes: a guard on a size or on a view's base strides would compile each kernel anew
     assert new_graphs <= 4, f"{new_graphs} kernels compiled anew for new shapes"
+
+
+def test_a_compiler_failure_falls_back_visibly_with_the_same_result(monkeypatch, caplog):
+    """A kernel whose compilation fails runs eagerly from then on, and says so once, with the cost."""
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor exploded\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(_compile, "_FALLBACKS", {})  # this process's record stays clean
+
+    @fused
+    def double_kernel(x):
+        return x * 2
+
+    before_mode = get_compile_mode()
+    hf_nvfp4.set_compile_mode("1")
+    try:
+        x = torch.arange(8.0)
+        with caplog.at_level(logging.WARNING, logger="hf_nvfp4"):
+            first, second = double_kernel(x), double_kernel(x)
+    finally:
+        hf_nvfp4.set_compile_mode(before_mode)
+    assert torch.equal(first, x * 2) and torch.equal(second, x * 2)
+    assert fallbacks() == {"double_kernel": "RuntimeError: inductor exploded"}
+    warnings = [r.getMessage() for r in caplog.records if "double_kernel" in r.getMessage()]
+    assert len(warnings) == 1 and "slower" in warnings[0] and "HF_NVFP4_COMPILE=0" in warnings[0]

@@ -8,8 +8,8 @@ invariants: dequantize(quantize(x)) == fake_quantize(x) bit for bit (SR included
 generator state), idempotence on fake_quantize's own output, SR unbiased within a bound.
 
 Deterministic in CI: derandomize=True (examples depend only on the test), no deadline, and
-at most 64 elements a side, so every kernel runs eagerly (the fused path starts at 65,536
-elements and is checked bit for bit against eager in test_nvfp4.py).
+at most 40 x 64 elements, and the suite runs the kernels eagerly (tests/conftest.py); the fused
+path is checked bit for bit against eager in test_nvfp4.py.
 """
 
 import math
