@@ -24,17 +24,12 @@ def _seed():
 @pytest.fixture
 def eager_and_fused():
     """Run a test body under both kernel modes."""
-    import hf_nvfp4
 
     def run(fn):
         out = []
-        before = _compile.get_compile_mode()
         for mode in ("0", "1"):
-            hf_nvfp4.set_compile_mode(mode)
-            try:
+            with _compile.compile_mode(mode):
                 out.append(fn())
-            finally:
-                hf_nvfp4.set_compile_mode(before)
         return out
 
     return run

@@ -8,7 +8,7 @@ import torch._dynamo.utils as dynamo_utils
 
 import hf_nvfp4
 from hf_nvfp4.formats import _compile
-from hf_nvfp4.formats._compile import fallbacks, fused, get_compile_mode
+from hf_nvfp4.formats._compile import compile_mode, fallbacks, fused
 
 
 def _step(width: int, seq: int) -> None:
@@ -22,9 +22,7 @@ def _step(width: int, seq: int) -> None:
 
 
 def test_many_widths_and_lengths_compile_a_bounded_number_of_times_without_fallback():
-    before_mode = get_compile_mode()
-    hf_nvfp4.set_compile_mode("1")
-    try:
+    with compile_mode("1"):
         _step(64, 16)  # first shapes: every kernel compiles (dims dynamic from the start)
         _step(96, 48)  # a second size may still specialise once
         before = dynamo_utils.counters["stats"]["unique_graphs"]
@@ -32,8 +30,6 @@ def test_many_widths_and_lengths_compile_a_bounded_number_of_times_without_fallb
             for seq in (8, 40, 72):
                 _step(width, seq)
         new_graphs = dynamo_utils.counters["stats"]["unique_graphs"] - before
-    finally:
-        hf_nvfp4.set_compile_mode(before_mode)
     assert fallbacks() == {}, fallbacks()
     # 6 new shapes: a guard on a size or on a view's base strides would compile each kernel anew
     assert new_graphs <= 4, f"{new_graphs} kernels compiled anew for new shapes"
@@ -53,14 +49,9 @@ def test_a_compiler_failure_falls_back_visibly_with_the_same_result(monkeypatch,
     def double_kernel(x):
         return x * 2
 
-    before_mode = get_compile_mode()
-    hf_nvfp4.set_compile_mode("1")
-    try:
-        x = torch.arange(8.0)
-        with caplog.at_level(logging.WARNING, logger="hf_nvfp4"):
-            first, second = double_kernel(x), double_kernel(x)
-    finally:
-        hf_nvfp4.set_compile_mode(before_mode)
+    x = torch.arange(8.0)
+    with compile_mode("1"), caplog.at_level(logging.WARNING, logger="hf_nvfp4"):
+        first, second = double_kernel(x), double_kernel(x)
     assert torch.equal(first, x * 2) and torch.equal(second, x * 2)
     assert fallbacks() == {"double_kernel": "RuntimeError: inductor exploded"}
     warnings = [r.getMessage() for r in caplog.records if "double_kernel" in r.getMessage()]

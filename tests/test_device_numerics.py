@@ -31,7 +31,6 @@ def test_every_kernel_compiles_with_eager_numerics(monkeypatch):
         return real(fn, **kw)
 
     monkeypatch.setattr(torch, "compile", spy)
-    mode = _compile.get_compile_mode()
 
     @_compile.fused
     def kernel(x):
@@ -41,12 +40,9 @@ def test_every_kernel_compiles_with_eager_numerics(monkeypatch):
     def serial_kernel(x):
         return 1.0 / x
 
-    try:
-        _compile.set_compile_mode("1")
+    with _compile.compile_mode("1"):
         x = torch.rand(64) + 0.5
         assert torch.equal(kernel(x), kernel.eager(x)) and torch.equal(serial_kernel(x), serial_kernel.eager(x))
-    finally:
-        _compile.set_compile_mode(mode)
     assert len(seen) == 2 and all(COMPILE_OPTIONS.items() <= o.items() for o in seen)
     # ... and nothing in the package compiles outside that decorator
     users = [p.name for p in PKG.rglob("*.py") if "torch.compile(" in p.read_text() and p.name != "_compile.py"]
@@ -94,9 +90,8 @@ class _Transfers(TorchDispatchMode):
 
 
 def test_no_host_device_transfer_per_quantization():
-    mode = _compile.get_compile_mode()
-    _compile.set_compile_mode("0")  # meta tensors run the eager kernels (the compiled ones compute the same)
-    try:
+    # meta tensors run the eager kernels (the compiled ones compute the same)
+    with _compile.compile_mode("0"):
         x = torch.empty(64, 128, device="meta")
         cases = {
             "nvfp4": lambda: hf_nvfp4.quantize_nvfp4(x),
@@ -115,8 +110,6 @@ def test_no_host_device_transfer_per_quantization():
             with rec:
                 fn()
             assert rec.events == [], name
-    finally:
-        _compile.set_compile_mode(mode)
 
 
 def test_no_tensor_constant_built_on_the_device_per_call():

@@ -32,7 +32,7 @@ from models import tiny
 import hf_nvfp4
 from hf_nvfp4 import NVFP4Config, NVFP4Linear
 from hf_nvfp4.config import NVFP4Recipe, as_recipe
-from hf_nvfp4.formats._compile import get_compile_mode
+from hf_nvfp4.formats._compile import compile_mode
 from hf_nvfp4.nn import te_backend
 from hf_nvfp4.nn.te_backend import select_backend, te_status
 
@@ -63,8 +63,6 @@ def standin(monkeypatch):
     # No torch.compile while CUDA is pretended: inductor would cache a CUDA device interface that
     # later compilations in this process trip over ("Torch not compiled with CUDA enabled").
     # Eager numerics compute the same bits (test_nvfp4.test_fused_matches_eager_bit_for_bit).
-    mode = get_compile_mode()
-    hf_nvfp4.set_compile_mode("0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpu["cap"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "TE stand-in")
@@ -89,13 +87,13 @@ def standin(monkeypatch):
         reset()
 
     env = SimpleNamespace(load=load, set=set_gpu)
-    load()
-    yield env
+    with compile_mode("0"):
+        load()
+        yield env
     for k in _te_modules():
         del sys.modules[k]
     sys.modules.update(saved)
     reset()
-    hf_nvfp4.set_compile_mode(mode)
 
 
 def _pair(cfg: NVFP4Config, model: nn.Module | None = None):

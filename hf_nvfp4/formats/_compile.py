@@ -12,10 +12,11 @@ Mode: ``HF_NVFP4_COMPILE`` = ``auto`` (default: fuse tensors of at least
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -60,6 +61,23 @@ def set_compile_mode(mode: str) -> None:
 
 def get_compile_mode() -> str:
     return _mode
+
+
+@contextlib.contextmanager
+def compile_mode(mode: str) -> Iterator[None]:
+    """Run a block in one compile mode; the previous mode is restored after, also on error.
+
+    >>> from hf_nvfp4.formats._compile import compile_mode, get_compile_mode
+    >>> with compile_mode("0"):
+    ...     get_compile_mode()
+    '0'
+    """
+    before = _mode
+    set_compile_mode(mode)
+    try:
+        yield
+    finally:
+        set_compile_mode(before)
 
 
 def fallbacks() -> dict[str, str]:
