@@ -19,7 +19,7 @@ median ratio and a 95% t-interval of the mean ratio.
   step, timed together: the weight cache quantizes each weight once per optimizer step;
 - inference: forward under ``torch.no_grad()`` (evaluation, ``generate()``), unconverted vs every block;
 - quantization time per step, measured directly: one every-block training step under
-  torch.profiler, with every quantizer call (``Format.gemm_operand``/``pack``/``operand_from_packed``)
+  torch.profiler, with every quantizer call (``Format.gemm_operand``/``pack`` and the kept tensors' ``operand``)
   and every GEMM of the converted Linears in a labelled range;
 - width trend: the every-block training-step ratio at each of ``--widths`` (intermediate = 2.75 x
   hidden): the quantization is linear in the width, the GEMMs quadratic, so the ratio falls;
@@ -174,6 +174,8 @@ def quantization_profile(model, ids, device, dtype, base=None) -> dict[str, floa
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from hf_nvfp4.formats import registry
+    from hf_nvfp4.formats.nvfp4 import NVFP4Tensor
+    from hf_nvfp4.formats.quantized import BlockQuantized, GemmOperand
     from hf_nvfp4.ops import linear as ops_linear
 
     depth = [0]
@@ -190,13 +192,12 @@ def quantization_profile(model, ids, device, dtype, base=None) -> dict[str, floa
                 depth[0] -= 1
         return run
 
-    names = ("gemm_operand", "pack", "operand_from_packed")
-    patched = [(registry.Format, n, getattr(registry.Format, n)) for n in names]
+    # the quantizers, the GEMM operands made from kept (packed) tensors, and the converted GEMMs
+    patched = [(registry.Format, n, getattr(registry.Format, n)) for n in ("gemm_operand", "pack")]
+    patched += [(cls, "operand", cls.operand) for cls in (NVFP4Tensor, BlockQuantized, GemmOperand)]
     patched.append((ops_linear, "_mm", ops_linear._mm))
     for owner, name, fn in patched:
-        label = "hf_nvfp4.gemm" if name == "_mm" else "hf_nvfp4.quantize"
-        setattr(owner, name, staticmethod(labelled(fn, label)) if name == "operand_from_packed"
-                else labelled(fn, label))
+        setattr(owner, name, labelled(fn, "hf_nvfp4.gemm" if name == "_mm" else "hf_nvfp4.quantize"))
     try:
         runner = Trainer(model, ids, device, dtype)
         runner.step()  # warm
@@ -205,7 +206,7 @@ def quantization_profile(model, ids, device, dtype, base=None) -> dict[str, floa
             wall = runner.step()
     finally:
         for owner, name, fn in patched:
-            setattr(owner, name, staticmethod(fn) if name == "operand_from_packed" else fn)
+            setattr(owner, name, fn)
     out = {"step_ms": wall * 1e3}
     if base is not None:  # the unconverted step right after, under the profiler too (same conditions)
         b = Trainer(base, ids, device, dtype)

@@ -257,3 +257,31 @@ def test_run_summary_gives_throughput_with_and_without_the_first_step(caplog):
          "tokens": 300, "seconds": 30.0, "checkpoint": "/x", "logs": None, "first_step_seconds": 12.0,
          "tokens_per_s_after_first_step": 16.7}
     assert "17 tokens/s after the first step (12 s, compiling)" in format_summary(s)
+
+
+def test_a_plain_training_step_hashes_nothing_and_accumulation_hits(monkeypatch):
+    """Inside the autograd Function grad mode is off: that must not read as an evaluation forward
+    (which hashes every weight, a read pass a plain step would pay for nothing). With two
+    micro-batches the weights are reused, so from the next step on the first micro-batch hashes and
+    the second is served from the cache."""
+    from hf_nvfp4.ops import cache as cache_mod
+
+    calls = []
+    real = cache_mod.fingerprint
+    monkeypatch.setattr(cache_mod, "fingerprint", lambda t: calls.append(1) or real(t))
+    m = _model()
+    cache = m.nvfp4_state.weight_cache
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    for _ in range(3):
+        m(X).square().mean().backward()
+        o.step()
+        o.zero_grad()
+    assert calls == [] and cache.hits == 0
+    for _step in range(3):
+        hits = cache.hits
+        for _ in range(2):
+            m(X).square().mean().backward()
+        o.step()
+        o.zero_grad()
+    assert cache.hits - hits == 2, "the second micro-batch re-quantized both weights"
+    _check(m, X)

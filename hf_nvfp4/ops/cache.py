@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from ..formats._compile import fused
+
 
 def _signature(t: torch.Tensor) -> tuple | None:
     """What must be unchanged for a cached operand of ``t`` to be valid; None: never cache ``t``."""
@@ -100,20 +102,26 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
     if pad:
         v = torch.cat([v, v.new_zeros(pad)])
     v = v.view(-1, _ROW)
-    cols = _multipliers(v.device)
     rows = torch.arange(1, 2 * v.shape[0], 2, dtype=torch.int32, device=v.device)
+    return _hash(v, _multipliers(v.device), rows)
+
+
+@fused(dims=(0,))
+def _hash(v: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    # integer sums wrap mod 2^32 alike compiled and eager; compiled, both sums are one read pass
     h1 = (v * cols).sum(dtype=torch.int32)
     h2 = (v.sum(1, dtype=torch.int32) * rows).sum(dtype=torch.int32)
     return torch.stack([h1, h2])
 
 
 class _Entry:
-    __slots__ = ("ref", "sig", "generation", "fp", "values", "hits")
+    __slots__ = ("ref", "sig", "generation", "fp", "values", "hits", "reused")
 
     def __init__(self, ref, sig, generation, fp):
         self.ref, self.sig, self.generation, self.fp = ref, sig, generation, fp
         self.values: dict = {}
         self.hits = 0
+        self.reused = False  # asked for again before the weight changed: hash its next entry at once
 
 
 class WeightCache:
@@ -161,8 +169,14 @@ class WeightCache:
         for e in self._entries.values():
             e.values.clear()  # the memory goes now; what was reused is remembered
 
-    def get(self, weight: torch.Tensor, key: Hashable, make: Callable[[], Any]) -> Any:
-        """``make()``, or what it returned for ``weight`` and ``key`` while ``weight`` is unchanged."""
+    def get(self, weight: torch.Tensor, key: Hashable, make: Callable[[], Any], *,
+            training: bool | None = None) -> Any:
+        """``make()``, or what it returned for ``weight`` and ``key`` while ``weight`` is unchanged.
+
+        ``training``: whether this forward builds a graph for a backward (None: grad mode decides; an
+        autograd Function's forward runs with grad mode off, so it must say so).
+        """
+        evaluating = not torch.is_grad_enabled() if training is None else not training
         sig = _signature(weight)
         if sig is None or not self.enabled or torch.is_inference_mode_enabled():
             return make()  # inference-mode results could not be saved for a later backward
@@ -172,16 +186,20 @@ class WeightCache:
         if same and e.sig == sig and e.generation == self.generation:
             if e.fp is None:  # made right after a change, never verified: re-quantize and hash now
                 e = self._new(weight, wid, sig, hashed=True)
+                e.reused = True
             elif key in e.values:
                 if bool(torch.equal(fingerprint(weight), e.fp)):
                     e.hits += 1
                     self.hits += 1
+                    e.reused = True
                     return e.values[key]
                 e = self._new(weight, wid, sig, hashed=True)
+                e.reused = True
         else:
-            # changed (or new): hash only a weight that is likely reused (it was before, or this is
-            # a no_grad forward: evaluation, generate), so a plain training step pays nothing
-            e = self._new(weight, wid, sig, hashed=(same and e.hits > 0) or not torch.is_grad_enabled())
+            # changed (or new): hash only a weight that is likely reused (it was before the change, as
+            # with gradient accumulation, or this is a no_grad forward: evaluation, generate), so a
+            # plain training step pays nothing
+            e = self._new(weight, wid, sig, hashed=(same and e.reused) or evaluating)
         self.misses += 1
         out = e.values[key] = make()
         return out

@@ -8,8 +8,9 @@ With y = x W^T, x: [M tokens, K], W: [N, K]:
 
 Each operand is ``e2m1 * e4m3_scale`` (exact in bf16) times a per-tensor factor, so every
 GEMM is a plain GEMM in the compute dtype followed by one multiply with the two factors.
-Forward saves what TE saves: the packed (4.5-bit) Wgrad copy of x and the packed W, not a
-bf16 copy of the input. Bias and its gradient stay in high precision.
+Forward saves the packed (4.5-bit) Wgrad copy of x, as TE does, not a bf16 copy of the input, and
+the quantized W: its GEMM operand where the weight cache holds that until the next optimizer step
+anyway, else packed. Bias and its gradient stay in high precision.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import NVFP4Recipe
+from ..formats.quantized import GemmOperand
 from ..formats.registry import get_format
 from .cache import OperandCache, WeightCache
 from .roles import QuantizerSpec, role_table
@@ -123,36 +125,37 @@ def _wgrad_input(x: torch.Tensor, x2: torch.Tensor, plan: GemmPlan, dtype):
                    lambda: get_format(spec.format).pack(x2.t(), spec, dtype, plan.generator))
 
 
-def _weight(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpose: bool = False):
-    """``(kept, (values, factor))`` of the weight (or its transpose) for ``role``: what
-    :meth:`Format.pack` keeps (saved for backward) and the GEMM operand made from it. Through the
-    plan's weight cache both are made once per optimizer step, not once per forward (memory: the
-    packed weight and one copy of it in the compute dtype, as TE keeps its FP8 weight copies).
-
-    A weight scaled with a shared (``fused_global_scale``) amax is never cached: the amax moves with
-    its siblings.
+def _weight_operand(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpose: bool = False,
+                    training: bool = True):
+    """``(values, factor)`` of the weight (or its transpose) for ``role``. Through the plan's weight
+    cache it is made once per optimizer step, not once per forward (memory: one copy of the weight in
+    the compute dtype, as TE keeps its FP8 weight copies). A weight scaled with a shared
+    (``fused_global_scale``) amax is never cached: the amax moves with its siblings.
     """
     spec = plan.roles[role]
-    fmt = get_format(spec.format)
     source = weight.t() if transpose else weight
     amax = _weight_amax(plan, spec)
 
     def make():
-        kept = fmt.pack(source.detach(), spec, dtype, gen, amax)
-        return kept, kept.operand(dtype)
+        return get_format(spec.format).gemm_operand(source.detach(), spec, dtype, gen, amax)
 
     if plan.weight_cache is None or spec.stochastic or amax is not None:
         return make()
-    return plan.weight_cache.get(weight, (role, spec, dtype, transpose, None), make)
+    return plan.weight_cache.get(weight, (role, spec, dtype, transpose, None), make, training=training)
 
 
-def _weight_operand(weight: torch.Tensor, plan: GemmPlan, role: str, dtype, gen, transpose: bool = False):
-    """``(values, factor)`` of the weight (or its transpose) for ``role``."""
-    if plan.weight_cache is None:
-        spec = plan.roles[role]
-        source = weight.t() if transpose else weight
-        return get_format(spec.format).gemm_operand(source, spec, dtype, gen, _weight_amax(plan, spec))
-    return _weight(weight, plan, role, dtype, gen, transpose)[1]
+def _kept_weight(weight: torch.Tensor, plan: GemmPlan, dtype, gen):
+    """What Fprop and Dgrad share (square tiles): the quantized weight to save for backward and its
+    GEMM operand. With the weight cache, the cache holds the operand until the next optimizer step
+    anyway, so that operand is what is saved (no second decode in backward); without it, the packed
+    weight is saved (4.5 bits an element, as TE keeps it) and decoded again for Dgrad."""
+    cache = plan.weight_cache
+    if cache is not None and cache.enabled and _weight_amax(plan, plan.roles["fprop_weight"]) is None:
+        wv, gw = _weight_operand(weight, plan, "fprop_weight", dtype, gen)
+        return GemmOperand(wv, gw), (wv, gw)
+    spec = plan.roles["fprop_weight"]
+    kept = get_format(spec.format).pack(weight.detach(), spec, dtype, gen, _weight_amax(plan, spec))
+    return kept, kept.operand(dtype)
 
 
 def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: GemmPlan):
@@ -160,7 +163,7 @@ def _forward_only(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dtype = _compute_dtype(x)
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # quantize what a TE/nn.Linear GEMM receives under autocast
     xv, gx = _fprop_input(x, x2, plan, dtype)
-    wv, gw = _weight_operand(weight, plan, "fprop_weight", dtype, plan.generator)
+    wv, gw = _weight_operand(weight, plan, "fprop_weight", dtype, plan.generator, training=False)
     y = _mm(xv, wv.t(), gx, gw, dtype)
     if bias is not None:
         y = y + bias.detach().to(dtype)
@@ -180,7 +183,7 @@ class _QuantizedLinear(torch.autograd.Function):
         xv, gx = _fprop_input(x, x2, plan, dtype)
         qw = None
         if shared:  # quantized once per step, for Fprop and Dgrad
-            qw, (wv, gw) = _weight(weight, plan, "fprop_weight", dtype, gen)
+            qw, (wv, gw) = _kept_weight(weight, plan, dtype, gen)
         else:
             wv, gw = _weight_operand(weight, plan, "fprop_weight", dtype, gen)
         y = _mm(xv, wv.t(), gx, gw, dtype)
