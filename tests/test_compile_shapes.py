@@ -25,6 +25,7 @@ def test_many_widths_and_lengths_compile_a_bounded_number_of_times_without_fallb
     with compile_mode("1"):
         _step(64, 16)  # first shapes: every kernel compiles (dims dynamic from the start)
         _step(96, 48)  # a second size may still specialise once
+        _step(256, 160)  # above SERIAL_BELOW: the two-thread variants compile once too
         before = dynamo_utils.counters["stats"]["unique_graphs"]
         for width in (128, 320):
             for seq in (8, 40, 72):

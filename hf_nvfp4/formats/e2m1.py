@@ -15,13 +15,15 @@ def round_e2m1(a: torch.Tensor) -> torch.Tensor:
     """Round fp32 magnitudes in [0, 6] to the E2M1 grid, ties to the even code (NaN stays NaN).
 
     Grid 0, 0.5, 1, 1.5, 2, 3, 4, 6; each midpoint goes to the even code: 0.25->0, 0.75->1,
-    1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4. Compare-and-select only: it vectorizes for every
-    input dtype, where building a magic number from the exponent bits needs bit casts that
-    inductor's CPU code does lane by lane for 16-lane (bf16) kernels (2.7x slower there).
+    1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4. The grid step is 0.5 below 2, 1 below 4, else 2, so
+    adding and subtracting ``1.5 * 2^23 * step`` rounds to a multiple of the step, ties to even, and
+    an even multiple is an even code. The step comes from two compares (no bit casts, which
+    inductor's CPU code does lane by lane): 2 compares, 2 selects and 3 arithmetic ops per element
+    instead of 7 compare-and-select pairs.
     """
-    q = torch.where(a <= 0.25, 0.0, torch.where(a < 0.75, 0.5, torch.where(a <= 1.25, 1.0, torch.where(
-        a < 1.75, 1.5, torch.where(a <= 2.5, 2.0, torch.where(a < 3.5, 3.0, torch.where(a <= 5.0, 4.0, 6.0)))))))
-    return torch.where(a == a, q, a)
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    magic = step * (1.5 * 2**23)
+    return (a + magic) - magic
 
 
 def round_e2m1_stochastic(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from ._common import (
 )
 from ._compile import fused
 from .e2m1 import (
-    packed_codes,
+    codes_from_values,
     round_e2m1,
     round_e2m1_stochastic,
     signed,
@@ -135,9 +135,13 @@ def _block_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Per-block max |x| as fp32 (NaN propagates): [B, 16] -> [B], or [M/16, 16, K/16, 16] -> [M/16, K/16].
 
     A float abs-max reduction: on AVX2 it vectorizes, where a max over the integer bits with the
-    sign cleared compiled to a loop 2-18x slower (measured with benchmarks/quantize.py).
+    sign cleared compiled to a loop 2-18x slower (measured with benchmarks/quantize.py). A 1x16
+    block's two halves are compared first: the per-block (horizontal) reduction then runs on 8
+    lanes, ~25% faster.
     """
-    return xb.abs().amax(dim=dims).float()
+    if dims == (1,):
+        return torch.maximum(xb[:, :8].float().abs(), xb[:, 8:].float().abs()).amax(dim=1)
+    return xb.float().abs().amax(dim=dims)
 
 
 @fused(dims=(0,), serial=True, scale=16)
@@ -211,16 +215,31 @@ def _fake_stochastic(xb, scale_f32, enc, g, dtype, seeds):
     return ((signed(q, v) * scale_f32) * g).to(dtype)
 
 
+# Codes are packed in a second pass: pairing neighbours inside the rounding kernel compiled to
+# element-by-element gathers (3.4x slower at 1024x2816); bytes viewed as int16 pair them for free.
 @fused(dims=(0, 2), serial=SERIAL_BELOW)
 def _codes_nearest(xb, enc):
     q, v = _round(xb, enc, None)
-    return packed_codes(q, v)
+    return codes_from_values(q, v)
 
 
 @fused(dims=(0, 2))
 def _codes_stochastic(xb, enc, seeds):
     q, v = _round(xb, enc, seeds)
-    return packed_codes(q, v)
+    return codes_from_values(q, v)
+
+
+@fused(dims=(0,), serial=SERIAL_BELOW, scale=2)
+def _pack_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """int16 views of code pairs (little endian: even index in the low byte) -> packed bytes."""
+    v = pairs.to(torch.int32)
+    return ((v | (v >> 4)) & 0xFF).to(torch.uint8)
+
+
+def _packed(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [B, 16] -> bytes [B, 8], even index in the low nibble (TE's layout)."""
+    pairs = codes.view(-1).view(torch.int16) if codes.numel() else codes.new_empty(0, dtype=torch.int16)
+    return _pack_pairs(pairs).view(codes.shape[0], codes.shape[1] // 2)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -314,9 +333,9 @@ def quantize_nvfp4(
     if p.xb.numel() == 0:
         packed = torch.empty(m, k // 2, dtype=torch.uint8, device=p.x.device)
     elif p.seeds is None:
-        packed = _codes_nearest(p.xb, p.enc)
+        packed = _packed(_codes_nearest(p.xb, p.enc))
     else:
-        packed = _codes_stochastic(p.xb, p.enc, p.seeds)
+        packed = _packed(_codes_stochastic(p.xb, p.enc, p.seeds))
     rows = shape_2d(p.x)[0]
     data = packed.reshape(m, k // 2)[:rows]
     # TE's layout: a 16x16 tile's scale on each of its rows; E4M3 holds these fp32 values exactly
