@@ -175,7 +175,7 @@ def quantization_profile(model, ids, device, dtype, base=None) -> dict[str, floa
 
     from hf_nvfp4.formats import registry
     from hf_nvfp4.formats.nvfp4 import NVFP4Tensor
-    from hf_nvfp4.formats.quantized import BlockQuantized, GemmOperand
+    from hf_nvfp4.formats.quantized import GemmOperand
     from hf_nvfp4.ops import linear as ops_linear
 
     depth = [0]
@@ -194,7 +194,7 @@ def quantization_profile(model, ids, device, dtype, base=None) -> dict[str, floa
 
     # the quantizers, the GEMM operands made from kept (packed) tensors, and the converted GEMMs
     patched = [(registry.Format, n, getattr(registry.Format, n)) for n in ("gemm_operand", "pack")]
-    patched += [(cls, "operand", cls.operand) for cls in (NVFP4Tensor, BlockQuantized, GemmOperand)]
+    patched += [(cls, "operand", cls.operand) for cls in (NVFP4Tensor, GemmOperand)]  # what pack() keeps
     patched.append((ops_linear, "_mm", ops_linear._mm))
     for owner, name, fn in patched:
         setattr(owner, name, labelled(fn, "hf_nvfp4.gemm" if name == "_mm" else "hf_nvfp4.quantize"))
