@@ -26,6 +26,7 @@ def test_many_widths_and_lengths_compile_a_bounded_number_of_times_without_fallb
         _step(64, 16)  # first shapes: every kernel compiles (dims dynamic from the start)
         _step(96, 48)  # a second size may still specialise once
         _step(256, 160)  # above SERIAL_BELOW: the two-thread variants compile once too
+        _step(64, 8)  # 16 tokens: a Wgrad operand of one block per row specialises once (size 0/1)
         before = dynamo_utils.counters["stats"]["unique_graphs"]
         for width in (128, 320):
             for seq in (8, 40, 72):

@@ -235,3 +235,21 @@ def test_block_scale_rounding_matches_e4m3_cast():
     got, want = _round_e4m3(s), s.to(torch.float8_e4m3fn).float()
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+def test_compiled_tensor_scalars_equal_the_eager_ones_over_sixty_decades():
+    """Step 2 runs inside the one compiled kernel: 2688 / amax and its reciprocal must round as eager
+    fp32 does (a compiler that turns c / t into c * (1 / t) would change the bits)."""
+    from hf_nvfp4.formats._compile import compile_mode
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 64, generator=g)
+    amaxes = torch.rand(120, generator=g) * 10 ** torch.empty(120).uniform_(-30, 30, generator=g)
+    for a in [*amaxes.tolist(), 1e-45, 3.0e38, 1.0, 2688.0, 7.0]:
+        with compile_mode("1"):
+            fused = hf_nvfp4.fake_quantize_nvfp4(x, amax=a), hf_nvfp4.quantize_nvfp4(x, amax=a, tile=(16, 16))
+        with compile_mode("0"):
+            eager = hf_nvfp4.fake_quantize_nvfp4(x, amax=a), hf_nvfp4.quantize_nvfp4(x, amax=a, tile=(16, 16))
+        assert torch.equal(fused[0], eager[0]), a
+        assert torch.equal(fused[1].data, eager[1].data) and torch.equal(fused[1].scale.view(torch.uint8),
+                                                                           eager[1].scale.view(torch.uint8)), a

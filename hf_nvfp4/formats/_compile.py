@@ -137,6 +137,10 @@ def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: b
                     if d < a.ndim and a.shape[d] > 1:
                         torch._dynamo.maybe_mark_dynamic(a, d)
         try:
+            dev = args[0].device.type
+            if torch.is_autocast_enabled(dev):  # elementwise kernels: autocast changes nothing but
+                with torch.autocast(dev, enabled=False):  # it is guarded, so it would double the graphs
+                    return state[key](*args)
             return state[key](*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
             state["failed"] = True

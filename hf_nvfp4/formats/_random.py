@@ -49,10 +49,22 @@ def hashed_uniform(seeds: torch.Tensor, shape: torch.Size | tuple[int, ...], dev
         n *= s
     if n < 2**31:  # the same bits on 32-bit lanes (the index's high word is 0)
         s32 = seeds.to(torch.int32)
-        idx = torch.arange(n, device=device, dtype=torch.int32).view(shape)
+        idx = _row_major_index(shape, device, torch.int32)
         h = _mix32_i32(_mix32_i32(idx + s32[0]) ^ s32[1])
         return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
-    idx = torch.arange(n, device=device, dtype=torch.int64).view(shape)
+    idx = _row_major_index(shape, device, torch.int64)
     h = _mix32(((idx & _MASK32) + seeds[0]) & _MASK32)
     h = _mix32(h ^ seeds[1] ^ (idx >> 32))
     return (h >> 8).to(torch.float32) * (1.0 / 2**24)
+
+
+def _row_major_index(shape, device, dtype) -> torch.Tensor:
+    """Each element's row-major index, built from one arange per dim: a flat arange viewed as
+    ``shape`` loses the static block width under dynamic shapes (compiled, the inner loop became
+    symbolic and masked, 10x slower)."""
+    idx, stride = None, 1
+    for d in reversed(range(len(shape))):
+        r = torch.arange(shape[d], device=device, dtype=dtype).view([-1 if i == d else 1 for i in range(len(shape))])
+        idx = r * stride if idx is None else idx + r * stride
+        stride *= shape[d]
+    return idx.expand(*shape) if idx is not None else torch.zeros((), device=device, dtype=dtype)

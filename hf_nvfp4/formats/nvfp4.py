@@ -11,8 +11,10 @@ steps are numbered as in docs/numerics.md:
 6. ``q = E2M1(clamp(x * enc, -6, 6))``, nearest (ties to even code) or stochastic
 7. ``x_hat = (q * fp32(scale)) * (amax / 2688)``
 
-Scalars (steps 1-2) are computed eagerly: inductor rewrites ``c / t`` as
-``c * (1 / t)``, which would change the bits.
+All seven steps run as one compiled call (:func:`_quantize_blocks`; the Hadamard transform and packing
+codes into bytes are separate passes): for the small tensors of a small model the cost is per
+call, not per element. The scalars of step 2 are computed inside it; compiled with
+division_rounding (see _compile) they equal the eager ones bit for bit (tested over 60 decades).
 """
 
 from __future__ import annotations
@@ -130,7 +132,6 @@ def _tensor_scalars(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return mult, s_dec, amax / TENSOR_SCALE
 
 
-@fused(dims=(0, 2), serial=SERIAL_BELOW)
 def _block_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Per-block max |x| as fp32 (NaN propagates): [B, 16] -> [B], or [M/16, 16, K/16, 16] -> [M/16, K/16].
 
@@ -142,11 +143,6 @@ def _block_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     if dims == (1,):
         return torch.maximum(xb[:, :8].float().abs(), xb[:, 8:].float().abs()).amax(dim=1)
     return xb.float().abs().amax(dim=dims)
-
-
-@fused(dims=(0,), serial=True, scale=16)
-def _max(x: torch.Tensor) -> torch.Tensor:
-    return x.amax()
 
 
 def _round_e4m3(s: torch.Tensor) -> torch.Tensor:
@@ -183,7 +179,6 @@ def _round_e2m1_eager(a: torch.Tensor) -> torch.Tensor:
     return torch.round(a / step).mul_(step)
 
 
-@fused(dims=(0, 2), serial=SERIAL_BELOW // 16, scale=16)
 def _scales(vmax: torch.Tensor, mult: torch.Tensor, s_dec: torch.Tensor):
     """Steps 4-5: (the E4M3 scale as fp32, fp32 encode factor) per block.
 
@@ -204,31 +199,37 @@ def _round(xb, enc, seeds):
 
 
 @fused(dims=(0, 2), serial=SERIAL_BELOW)
-def _fake_nearest(xb, scale_f32, enc, g, dtype):
-    q, v = _round(xb, enc, None)
-    return ((signed(q, v) * scale_f32) * g).to(dtype)
-
-
-@fused(dims=(0, 2))
-def _fake_stochastic(xb, scale_f32, enc, g, dtype, seeds):
+def _quantize_blocks(xb: torch.Tensor, amax: torch.Tensor | None, seeds: torch.Tensor | None, out: str,
+                     dtype: torch.dtype):
+    """Steps 1-7 in one call (one compiled graph: for small tensors the cost is per call, not per
+    element). ``xb``: 1x16 blocks as [B, 16], or 16x16 tiles as [M/16, 16, K/16, 16] (block dims
+    static, the others dynamic: a view with an inferred size inside the graph would make the inner
+    loop symbolic). ``out``: ``"codes"`` (uint8 codes [B, 16]), ``"values"`` (``e2m1 *
+    fp32(scale)`` in ``dtype``) or ``"fake"`` (values times ``amax / 2688``). Returns
+    ``(out, scale_f32, amax, g)``, scale_f32 with one row per 16-element row block (a 16x16 tile's
+    on each of its rows). The step-2 scalars are computed here: compiled with division_rounding (see
+    _compile) they equal the eager ones bit for bit (tested).
+    """
+    if xb.ndim == 2:
+        vmax = _block_amax(xb, (1,)).view(-1, 1)
+    else:
+        vmax = _block_amax(xb, (1, 3)).view(xb.shape[0], 1, xb.shape[2], 1)
+    if amax is None:  # the tensor amax is the max of the block maxima: no extra pass over x
+        amax = vmax.amax()
+    mult, s_dec, g = _tensor_scalars(amax)
+    scale_f32, enc = _scales(vmax, mult, s_dec)
+    if xb.ndim == 4:  # tile values onto their 16 rows: the element pass sees [B, 16] blocks
+        scale_f32, enc = (t.expand(-1, 16, -1, -1).reshape(-1, 1) for t in (scale_f32, enc))
+        xb = xb.reshape(-1, 16)
     q, v = _round(xb, enc, seeds)
-    return ((signed(q, v) * scale_f32) * g).to(dtype)
+    if out == "codes":
+        return codes_from_values(q, v), scale_f32, amax, g
+    vals = signed(q, v) * scale_f32
+    return (vals * g if out == "fake" else vals).to(dtype), scale_f32, amax, g
 
 
 # Codes are packed in a second pass: pairing neighbours inside the rounding kernel compiled to
 # element-by-element gathers (3.4x slower at 1024x2816); bytes viewed as int16 pair them for free.
-@fused(dims=(0, 2), serial=SERIAL_BELOW)
-def _codes_nearest(xb, enc):
-    q, v = _round(xb, enc, None)
-    return codes_from_values(q, v)
-
-
-@fused(dims=(0, 2))
-def _codes_stochastic(xb, enc, seeds):
-    q, v = _round(xb, enc, seeds)
-    return codes_from_values(q, v)
-
-
 @fused(dims=(0,), serial=SERIAL_BELOW, scale=2)
 def _pack_pairs(pairs: torch.Tensor) -> torch.Tensor:
     """int16 views of code pairs (little endian: even index in the low byte) -> packed bytes."""
@@ -238,25 +239,17 @@ def _pack_pairs(pairs: torch.Tensor) -> torch.Tensor:
 
 def _packed(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [B, 16] -> bytes [B, 8], even index in the low nibble (TE's layout)."""
-    pairs = codes.view(-1).view(torch.int16) if codes.numel() else codes.new_empty(0, dtype=torch.int16)
-    return _pack_pairs(pairs).view(codes.shape[0], codes.shape[1] // 2)
-
-
-# ----------------------------------------------------------------------------- driver
+    return _pack_pairs(codes.view(-1).view(torch.int16)).view(codes.shape[0], codes.shape[1] // 2)
 
 
 class _Prepared(NamedTuple):
-    """What every NVFP4 entry point starts from (steps 1-5 of the module docstring)."""
+    """A checked input, ready for :func:`_quantize_blocks`."""
 
     x: torch.Tensor  # the checked input
     x2: torch.Tensor  # 2D, zero-padded to whole blocks (and Hadamard-transformed with rht)
-    xb: torch.Tensor  # x2 as [blocks, 16]
-    scale_f32: torch.Tensor  # each block's E4M3 scale, as fp32
-    enc: torch.Tensor  # each block's encode multiplier (step 5)
-    g: torch.Tensor  # the per-tensor decode factor amax / 2688
-    seeds: torch.Tensor | None  # stochastic rounding seeds, None for nearest
-    amax: torch.Tensor  # the per-tensor amax
     tile: tuple[int, int]
+    amax: torch.Tensor | None  # an overriding per-tensor amax (fp32, on x's device), else None
+    seeds: torch.Tensor | None  # stochastic rounding seeds, None for nearest
 
 
 def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn) -> _Prepared:
@@ -274,32 +267,22 @@ def _prepare(x, tile, rht, rht_size, stochastic, generator, amax, fn) -> _Prepar
             x2 = hadamard_transform(x2, rht_size)
     else:
         x2 = pad_2d(as_2d(x.detach()), tile, fn)
-    m, k = x2.shape
-    if tile == (1, 16):
-        xb, dims = x2.view(-1, 16), (1,)
-    else:
-        xb, dims = x2.view(m // 16, 16, k // 16, 16), (1, 3)
-    if xb.numel() == 0:
-        amax = torch.zeros((), device=x.device) if amax is None else amax
-        mult, s_dec, g = _tensor_scalars(amax.to(x.device))
-        scale_f32 = enc = _empty_scales(xb)
-    else:
-        vmax = _block_amax(xb, dims)
-        if amax is None:  # the tensor amax is the max of the block maxima: no extra pass over x
-            amax = _max(vmax.view(-1))
-        mult, s_dec, g = _tensor_scalars(amax.to(x.device))
-        keep = [1 if d in dims else n for d, n in enumerate(xb.shape)]
-        scale_f32, enc = _scales(vmax.view(keep), mult, s_dec)
-        if tile == (16, 16):  # tile values onto their 16 rows: the element kernels then see [B, 16] blocks
-            scale_f32, enc = (t.expand(-1, 16, -1, -1).reshape(-1, 1) for t in (scale_f32, enc))
-            xb = x2.view(-1, 16)
+    if amax is not None:
+        amax = amax.to(device=x.device, dtype=torch.float32)
     seeds = _random.draw_seeds(generator, x.device) if stochastic else None
-    return _Prepared(x, x2, xb, scale_f32, enc, g, seeds, amax, tile)
+    return _Prepared(x, x2, tile, amax, seeds)
 
 
-def _empty_scales(xb):
-    shape = (0, 1) if xb.ndim == 2 else (0, 1, xb.shape[2], 1)
-    return torch.empty(shape, device=xb.device)
+def _run(p: _Prepared, out: str, dtype: torch.dtype):
+    """``(out, scale_f32, amax, g)`` of :func:`_quantize_blocks`, also for an empty tensor."""
+    if p.x2.numel() == 0:
+        amax = torch.zeros((), device=p.x.device) if p.amax is None else p.amax
+        m, k = p.x2.shape
+        res = torch.empty(m * k // 16, 16, dtype=torch.uint8 if out == "codes" else dtype, device=p.x.device)
+        return res, torch.empty(m * k // 16, 1, device=p.x.device), amax, _tensor_scalars(amax)[2]
+    m, k = p.x2.shape
+    xb = p.x2.view(-1, 16) if p.tile == (1, 16) else p.x2.view(m // 16, 16, k // 16, 16)
+    return _quantize_blocks(xb, p.amax, p.seeds, out, dtype)
 
 
 def quantize_nvfp4(
@@ -330,17 +313,12 @@ def quantize_nvfp4(
         x, tile, rht, rht_size, stochastic, generator, amax, "quantize_nvfp4"
     )
     m, k = p.x2.shape
-    if p.xb.numel() == 0:
-        packed = torch.empty(m, k // 2, dtype=torch.uint8, device=p.x.device)
-    elif p.seeds is None:
-        packed = _packed(_codes_nearest(p.xb, p.enc))
-    else:
-        packed = _packed(_codes_stochastic(p.xb, p.enc, p.seeds))
+    codes, scale_f32, amax_, _ = _run(p, "codes", torch.uint8)
     rows = shape_2d(p.x)[0]
-    data = packed.reshape(m, k // 2)[:rows]
+    data = _packed(codes).reshape(m, k // 2)[:rows]
     # TE's layout: a 16x16 tile's scale on each of its rows; E4M3 holds these fp32 values exactly
-    scales = p.scale_f32.view(m, k // 16)[:rows].to(torch.float8_e4m3fn)
-    return NVFP4Tensor(data.contiguous(), scales.contiguous(), p.amax.float(), p.x.shape, p.tile, rht)
+    scales = scale_f32.view(m, k // 16)[:rows].to(torch.float8_e4m3fn)
+    return NVFP4Tensor(data.contiguous(), scales.contiguous(), amax_.float(), p.x.shape, p.tile, rht)
 
 
 def fake_quantize_nvfp4(
@@ -376,13 +354,9 @@ def fake_quantize_nvfp4(
     if rht:  # the transformed basis keeps the padded width
         cols = k
     shape = (*p.x.shape[:-1], cols)
-    if p.xb.numel() == 0:
+    if p.x2.numel() == 0:
         return torch.zeros(shape, dtype=p.x.dtype, device=p.x.device)
-    if p.seeds is None:
-        out = _fake_nearest(p.xb, p.scale_f32, p.enc, p.g, p.x.dtype)
-    else:
-        out = _fake_stochastic(p.xb, p.scale_f32, p.enc, p.g, p.x.dtype, p.seeds)
-    out = out.reshape(m, k)
+    out = _run(p, "fake", p.x.dtype)[0].reshape(m, k)
     if (rows, cols) != (m, k):
         out = out[:rows, :cols]
     return out.reshape(shape)
@@ -413,14 +387,10 @@ def nvfp4_gemm_operand(
         x, tile, rht, rht_size, stochastic, generator, amax, "nvfp4_gemm_operand"
     )
     m, k = p.x2.shape
-    if p.xb.numel() == 0:
-        return torch.zeros(shape_2d(p.x)[0], k, dtype=dtype, device=p.x.device), p.g
-    one = torch.ones((), device=p.x.device)
-    if p.seeds is None:
-        vals = _fake_nearest(p.xb, p.scale_f32, p.enc, one, dtype)
-    else:
-        vals = _fake_stochastic(p.xb, p.scale_f32, p.enc, one, dtype, p.seeds)
-    return vals.reshape(m, k)[: shape_2d(p.x)[0]], p.g
+    vals, _, _, g = _run(p, "values", dtype)
+    if p.x2.numel() == 0:
+        return torch.zeros(shape_2d(p.x)[0], k, dtype=dtype, device=p.x.device), g
+    return vals.reshape(m, k)[: shape_2d(p.x)[0]], g
 
 
 @fused(dims=(0,), scale=2)
