@@ -285,3 +285,19 @@ def test_a_plain_training_step_hashes_nothing_and_accumulation_hits(monkeypatch)
         o.zero_grad()
     assert cache.hits - hits == 2, "the second micro-batch re-quantized both weights"
     _check(m, X)
+
+
+def test_the_second_no_grad_forward_after_a_change_is_served():
+    """An evaluation forward hashes the weights it quantizes, so the next one (the next eval batch,
+    the next generate() token) is served from the cache at once, not re-quantized first."""
+    m = _model()
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(X).square().mean().backward()
+    o.step()
+    cache = m.nvfp4_state.weight_cache
+    with torch.no_grad():
+        m(X)
+        hits = cache.hits
+        y = m(X)
+    assert cache.hits == hits + 2, "the second evaluation forward re-quantized the weights"
+    assert torch.equal(y, _fresh(m, X))

@@ -127,6 +127,27 @@ MUTATIONS = [
              '"rel_change": _rel(b - a, a)', '"rel_change": _rel(b - a, w)',
              ("tests/test_export.py::test_compressed_tensors_layout_is_the_training_quantization",),
              "the export report's rel_change relative to the master weights (0 < x < 1 passed)"),
+    # -- issue 24's weight cache and kernels (this round) ----------------------------------------
+    Mutation("cache_training_forward_hashes", "hf_nvfp4/ops/cache.py",
+             "evaluating = not torch.is_grad_enabled() if training is None else not training",
+             "evaluating = not torch.is_grad_enabled()",
+             ("tests/test_weight_cache.py::test_a_plain_training_step_hashes_nothing_and_accumulation_hits",),
+             "grad mode (off inside the autograd Function) read as an evaluation forward: every training "
+             "forward hashes every weight"),
+    Mutation("cache_no_grad_never_hashes", "hf_nvfp4/ops/linear.py",
+             'plan.generator, training=False)', 'plan.generator, training=True)',
+             ("tests/test_weight_cache.py::test_the_second_no_grad_forward_after_a_change_is_served",),
+             "no_grad forwards (evaluation, generate) do not hash: the next one re-quantizes first"),
+    Mutation("e2m1_magic_step", "hf_nvfp4/formats/e2m1.py",
+             "step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))\n    magic",
+             "step = torch.where(a < 2.0, 0.5, torch.where(a < 3.0, 1.0, 2.0))\n    magic",
+             ("tests/test_nvfp4.py::test_fused_matches_eager_bit_for_bit", "tests/test_properties.py"),
+             "the E2M1 grid step of 1 ends at 3, not 4 (3.4 rounds to 4)"),
+    Mutation("pack_pairs_nibble_order", "hf_nvfp4/formats/nvfp4.py",
+             "return ((v | (v >> 4)) & 0xFF).to(torch.uint8)", "return ((v | (v << 4)) & 0xFF).to(torch.uint8)",
+             ("tests/test_nvfp4.py", "tests/test_formats.py"),
+             "codes paired into a byte in the wrong nibble order"),
+
 ]
 
 
