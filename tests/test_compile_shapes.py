@@ -58,3 +58,15 @@ def test_a_compiler_failure_falls_back_visibly_with_the_same_result(monkeypatch,
     assert fallbacks() == {"double_kernel": "RuntimeError: inductor exploded"}
     warnings = [r.getMessage() for r in caplog.records if "double_kernel" in r.getMessage()]
     assert len(warnings) == 1 and "slower" in warnings[0] and "HF_NVFP4_COMPILE=0" in warnings[0]
+
+
+def test_meta_tensors_run_eagerly_and_leave_the_kernels_compiled(monkeypatch):
+    """A meta tensor (a model built on the meta device) has no data to compile for: it takes the eager
+    path for its shapes, and the kernels stay compiled for the real tensors after it."""
+    monkeypatch.setattr(_compile, "_FALLBACKS", {})  # only what this test causes
+    with compile_mode("1"):
+        y = hf_nvfp4.fake_quantize_nvfp4(torch.randn(64, 64, device="meta"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hf_nvfp4.fake_quantize_nvfp4(torch.randn(64, 64))
+    assert y.shape == (64, 64) and y.device.type == "meta"
+    assert fallbacks() == {}, fallbacks()

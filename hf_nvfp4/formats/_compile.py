@@ -96,6 +96,13 @@ def _detached(a):
     return a.detach() if isinstance(a, torch.Tensor) and a._is_view() else a
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know
+        return False
+
+
 def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: bool | int = False,
           scale: int = 1) -> Callable:
     """Decorator: call ``fn`` compiled or eager, per the current mode.
@@ -123,7 +130,9 @@ def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: b
         if _mode not in _MODES:
             raise ValueError(f"HF_NVFP4_COMPILE must be one of {_MODES}, got {_mode!r}")
         use = _mode == "1" or (_mode == "auto" and args[0].numel() * scale >= MIN_FUSED_NUMEL)
-        if not use or state["failed"] or torch.compiler.is_compiling():
+        dev = args[0].device.type
+        # meta tensors carry no data: the eager ops give their shapes, and compiling them would fail
+        if not use or state["failed"] or dev == "meta" or torch.compiler.is_compiling():
             return fn(*args)
         one_thread = serial is True or (serial is not False and args[0].numel() < serial)
         key = "serial" if one_thread else "compiled"
@@ -137,9 +146,8 @@ def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: b
                     if d < a.ndim and a.shape[d] > 1:
                         torch._dynamo.maybe_mark_dynamic(a, d)
         try:
-            dev = args[0].device.type
-            if torch.is_autocast_enabled(dev):  # elementwise kernels: autocast changes nothing but
-                with torch.autocast(dev, enabled=False):  # it is guarded, so it would double the graphs
+            if _autocast_on(dev):  # elementwise kernels: autocast changes nothing but it is
+                with torch.autocast(dev, enabled=False):  # guarded, so it would double the graphs
                     return state[key](*args)
             return state[key](*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
