@@ -131,8 +131,8 @@ def fused(fn: Callable | None = None, *, dims: tuple[int, ...] = (0,), serial: b
             raise ValueError(f"HF_NVFP4_COMPILE must be one of {_MODES}, got {_mode!r}")
         use = _mode == "1" or (_mode == "auto" and args[0].numel() * scale >= MIN_FUSED_NUMEL)
         dev = args[0].device.type
-        # meta tensors carry no data: the eager ops give their shapes, and compiling them would fail
-        if not use or state["failed"] or dev == "meta" or torch.compiler.is_compiling():
+        # meta and empty tensors carry no data: the eager ops give their shapes, at no cost
+        if not use or state["failed"] or dev == "meta" or not args[0].numel() or torch.compiler.is_compiling():
             return fn(*args)
         one_thread = serial is True or (serial is not False and args[0].numel() < serial)
         key = "serial" if one_thread else "compiled"

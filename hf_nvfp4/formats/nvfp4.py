@@ -239,7 +239,7 @@ def _pack_pairs(pairs: torch.Tensor) -> torch.Tensor:
 
 def _packed(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [B, 16] -> bytes [B, 8], even index in the low nibble (TE's layout)."""
-    return _pack_pairs(codes.view(-1).view(torch.int16)).view(codes.shape[0], codes.shape[1] // 2)
+    return _pack_pairs(codes.reshape(-1).view(torch.int16)).view(codes.shape[0], codes.shape[1] // 2)
 
 
 class _Prepared(NamedTuple):
