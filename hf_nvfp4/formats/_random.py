@@ -67,4 +67,4 @@ def _row_major_index(shape, device, dtype) -> torch.Tensor:
         r = torch.arange(shape[d], device=device, dtype=dtype).view([-1 if i == d else 1 for i in range(len(shape))])
         idx = r * stride if idx is None else idx + r * stride
         stride *= shape[d]
-    return idx.expand(*shape) if idx is not None else torch.zeros((), device=device, dtype=dtype)
+    return idx if idx is not None else torch.zeros((), device=device, dtype=dtype)  # the broadcast sum has `shape`

@@ -149,12 +149,12 @@ def _kept_weight(weight: torch.Tensor, plan: GemmPlan, dtype, gen):
     GEMM operand. With the weight cache, the cache holds the operand until the next optimizer step
     anyway, so that operand is what is saved (no second decode in backward); without it, the packed
     weight is saved (4.5 bits an element, as TE keeps it) and decoded again for Dgrad."""
-    cache = plan.weight_cache
-    if cache is not None and cache.enabled and _weight_amax(plan, plan.roles["fprop_weight"]) is None:
+    spec, cache = plan.roles["fprop_weight"], plan.weight_cache
+    amax = _weight_amax(plan, spec)
+    if cache is not None and cache.enabled and amax is None:
         wv, gw = _weight_operand(weight, plan, "fprop_weight", dtype, gen)
         return GemmOperand(wv, gw), (wv, gw)
-    spec = plan.roles["fprop_weight"]
-    kept = get_format(spec.format).pack(weight.detach(), spec, dtype, gen, _weight_amax(plan, spec))
+    kept = get_format(spec.format).pack(weight.detach(), spec, dtype, gen, amax)
     return kept, kept.operand(dtype)
 
 
