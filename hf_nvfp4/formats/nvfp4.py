@@ -136,12 +136,10 @@ def _block_amax(xb: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Per-block max |x| as fp32 (NaN propagates): [B, 16] -> [B], or [M/16, 16, K/16, 16] -> [M/16, K/16].
 
     A float abs-max reduction: on AVX2 it vectorizes, where a max over the integer bits with the
-    sign cleared compiled to a loop 2-18x slower (measured with benchmarks/quantize.py). A 1x16
-    block's two halves are compared first: the per-block (horizontal) reduction then runs on 8
-    lanes, ~25% faster.
+    sign cleared compiled to a loop 2-18x slower (measured with benchmarks/quantize.py). (Comparing a
+    1x16 block's two halves first was 25% faster alone on AVX-512, no faster inside the fused
+    quantization, and made it 1.5x slower with AVX2 code: not done.)
     """
-    if dims == (1,):
-        return torch.maximum(xb[:, :8].float().abs(), xb[:, 8:].float().abs()).amax(dim=1)
     return xb.float().abs().amax(dim=dims)
 
 
